@@ -1,0 +1,41 @@
+"""zipjax: merge neural networks trained on different tasks, without training (ZipIt!)."""
+
+from zipjax import match
+from zipjax import models
+from zipjax import spec
+from zipjax._src.batchnorm import reset_batchnorm
+from zipjax._src.errors import DataError
+from zipjax._src.errors import MismatchError
+from zipjax._src.errors import SpecError
+from zipjax._src.spec import check_spec
+from zipjax._src.spec import permute_spaces
+from zipjax._src.spec import Spec
+from zipjax._src.stats import compute_stats
+from zipjax._src.stats import correlation
+from zipjax._src.stats import FeatureStats
+from zipjax._src.zipping import apply_merges
+from zipjax._src.zipping import compute_merges
+from zipjax._src.zipping import zip  # pylint: disable=redefined-builtin
+from zipjax._src.zipping import zip_many
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "apply_merges",
+    "check_spec",
+    "compute_merges",
+    "compute_stats",
+    "correlation",
+    "DataError",
+    "FeatureStats",
+    "match",
+    "MismatchError",
+    "models",
+    "permute_spaces",
+    "reset_batchnorm",
+    "spec",
+    "Spec",
+    "SpecError",
+    "zip",
+    "zip_many",
+)

@@ -1,0 +1,233 @@
+"""Matchers: from one space's correlation matrix to a merge.
+
+A matcher is a pure function ``matcher(corr, num_models=N) -> Merge(M, U)``. ``corr`` is the
+(N*n, N*n) correlation of the N models' concatenated features, model by model. ``M`` (n, N*n)
+averages the members of each merged feature; ``U`` (N*n, n) copies a merged feature back to
+each of its members. Factories with keyword-only options build matchers, like optax's
+transformations::
+
+    matcher = zipjax.match.greedy(alpha=0.5, beta=0.5)
+    merge = matcher(corr, num_models=2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Protocol, Sequence
+
+import numpy as np
+import scipy.optimize
+
+
+class Merge(NamedTuple):
+  """How one space is merged. M: (n, N*n), U: (N*n, n), both float32."""
+
+  M: np.ndarray
+  U: np.ndarray
+
+  @property
+  def num_models(self) -> int:
+    return self.M.shape[1] // self.M.shape[0]
+
+  def blocks(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """[M_1..M_N] (n x n each) and [U_1..U_N] (n x n each)."""
+    n = self.M.shape[0]
+    ms = [self.M[:, m * n:(m + 1) * n] for m in range(self.num_models)]
+    us = [self.U[m * n:(m + 1) * n, :] for m in range(self.num_models)]
+    return ms, us
+
+
+class Matcher(Protocol):
+
+  def __call__(self, corr: np.ndarray, *, num_models: int) -> Merge:
+    ...
+
+
+def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> Merge:
+  """The Merge whose merged feature g averages the features ``groups[g]``."""
+  n = len(groups)
+  M = np.zeros((n, dim), np.float32)
+  U = np.zeros((dim, n), np.float32)
+  for g, members in enumerate(groups):
+    M[g, list(members)] = 1.0 / len(members)
+    U[list(members), g] = 1.0
+  return Merge(M, U)
+
+
+def _check_corr(corr, num_models: int) -> tuple[np.ndarray, int]:
+  corr = np.asarray(corr, np.float64)
+  if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
+    raise ValueError(f"A matcher needs a square correlation matrix, got shape {corr.shape}.")
+  if num_models < 2:
+    raise ValueError(f"num_models must be at least 2, got {num_models}.")
+  if corr.shape[0] % num_models:
+    raise ValueError(f"Correlation matrix of size {corr.shape[0]} does not split into "
+                     f"num_models={num_models} equal blocks.")
+  if not np.all(np.isfinite(corr)):
+    raise ValueError("The correlation matrix holds NaN or inf; compute it with "
+                     "zipjax.correlation, which defines dead features.")
+  # (a + b) / 2 is exactly symmetric: ties then break the same way from either side.
+  corr = (corr + corr.T) / 2
+  return corr, corr.shape[0] // num_models
+
+
+def same_model_budget(beta: float, num_models: int, width: int) -> int:
+  """Same-model merges each model may make: floor(beta * (N - 1) * n / N)."""
+  return math.floor(beta * (num_models - 1) * width / num_models + 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy (ZipIt!)
+
+
+def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
+                   beta: float) -> list[list[int]]:
+  """The paper's greedy matching, with per-row maxima maintained between merges.
+
+  Identical in result to :func:`greedy_reference` (the plain loop: argmax over the whole
+  matrix per merge), but each merge costs O(N*n) plus the rows whose maximum it disturbs.
+  """
+  dim = corr.shape[0]
+  n = dim // num_models
+  C = corr.copy()
+  np.fill_diagonal(C, -np.inf)
+  owner = np.arange(dim) // n
+  active = np.ones(dim, bool)
+  budget = np.full(num_models, same_model_budget(beta, num_models, n))
+  members: list[list[int]] = [[i] for i in range(dim)]
+
+  def row_maxima(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    vals = C[rows].copy()
+    ok = active[None, :] & ((owner[None, :] != owner[rows, None])
+                            | (budget[owner[rows]] > 0)[:, None])
+    vals[~ok] = -np.inf
+    arg = vals.argmax(1)
+    return vals[np.arange(len(rows)), arg], arg
+
+  rowmax, rowarg = row_maxima(np.arange(dim))
+  for _ in range(dim - n):
+    i = int(rowmax.argmax())
+    j = int(rowarg[i])
+    if not np.isfinite(rowmax[i]):
+      raise RuntimeError("greedy matching ran out of allowed pairs; please report this.")
+    # i < j: the lowest row holding the maximum is the smaller index of the pair.
+    o = owner[i]
+    spent = False
+    if owner[j] == o:
+      budget[o] -= 1
+      spent = budget[o] == 0
+    new = alpha * np.minimum(C[i], C[j])
+    C[i, :] = new
+    C[:, i] = new
+    C[i, i] = -np.inf
+    active[j] = False
+    members[i] += members[j]
+    members[j] = []
+    rowmax[j] = -np.inf
+
+    others = np.flatnonzero(active)
+    redo = (rowarg[others] == i) | (rowarg[others] == j) | (others == i)
+    if spent:
+      redo |= owner[others] == o
+    stale = others[redo]
+    if len(stale):
+      rowmax[stale], rowarg[stale] = row_maxima(stale)
+    fresh = others[~redo]
+    allowed = (owner[fresh] != o) | (budget[o] > 0)
+    v = np.where(allowed, new[fresh], -np.inf)
+    better = (v > rowmax[fresh]) | ((v == rowmax[fresh]) & (i < rowarg[fresh]))
+    upd = fresh[better]
+    rowmax[upd] = v[better]
+    rowarg[upd] = i
+  return [members[i] for i in np.flatnonzero(active)]
+
+
+def greedy_reference(corr: np.ndarray, *, num_models: int, alpha: float = 0.5,
+                     beta: float = 0.5) -> Merge:
+  """The paper's greedy matching as a plain numpy loop: one argmax over the whole matrix per
+  merge. Slow (O((N*n)^3)); the reference that tests and benchmarks compare against."""
+  corr, n = _check_corr(corr, num_models)
+  dim = corr.shape[0]
+  C = corr.copy()
+  owner = np.arange(dim) // n
+  active = np.ones(dim, bool)
+  budget = np.full(num_models, same_model_budget(beta, num_models, n))
+  members = [[i] for i in range(dim)]
+  for _ in range(dim - n):
+    allowed = active[:, None] & active[None, :] & ~np.eye(dim, dtype=bool)
+    allowed &= (owner[:, None] != owner[None, :]) | (budget[owner] > 0)[:, None]
+    flat = np.where(allowed, C, -np.inf).argmax()
+    i, j = divmod(int(flat), dim)
+    i, j = min(i, j), max(i, j)
+    if owner[i] == owner[j]:
+      budget[owner[i]] -= 1
+    new = alpha * np.minimum(C[i], C[j])
+    C[i, :] = new
+    C[:, i] = new
+    active[j] = False
+    members[i] += members[j]
+  return merge_from_groups([members[i] for i in np.flatnonzero(active)], dim)
+
+
+def greedy(*, alpha: float = 0.5, beta: float = 0.5) -> Matcher:
+  """ZipIt!'s greedy matching of features within and across models.
+
+  Repeatedly merges the most correlated pair of current features (ties: lowest row, then
+  column) until n remain. A merged feature stays in the pool, correlated to every other
+  feature by ``alpha`` times the smaller of its two members' correlations (repeated matching,
+  needed for N > 2). A merged feature belongs to the model of its lowest-index member; each
+  model may make floor(beta * (N-1) * n / N) merges of two of its own features.
+
+  Args:
+    alpha: in (0, 1]; how strongly merged features attract further merges.
+    beta: in [0, 1]; the same-model budget. 0 forbids within-model merges (permutation).
+  """
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f"greedy(alpha=...) must lie in (0, 1], got {alpha}.")
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f"greedy(beta=...) must lie in [0, 1], got {beta}.")
+
+  def matcher(corr, *, num_models: int) -> Merge:
+    corr, _ = _check_corr(corr, num_models)
+    return merge_from_groups(_greedy_groups(corr, num_models, alpha, beta), corr.shape[0])
+
+  matcher.__name__ = f"greedy(alpha={alpha}, beta={beta})"
+  return matcher
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+
+
+def identity() -> Matcher:
+  """Weight averaging: feature j of every model merges with feature j of the others."""
+
+  def matcher(corr, *, num_models: int) -> Merge:
+    corr, n = _check_corr(corr, num_models)
+    return merge_from_groups([[m * n + j for m in range(num_models)] for j in range(n)],
+                             corr.shape[0])
+
+  matcher.__name__ = "identity()"
+  return matcher
+
+
+def permute() -> Matcher:
+  """Permute: features of every model are assigned one-to-one to model 0's features by a
+  linear assignment maximising their correlation (no within-model merges)."""
+
+  def matcher(corr, *, num_models: int) -> Merge:
+    corr, n = _check_corr(corr, num_models)
+    groups = [[j] for j in range(n)]
+    for m in range(1, num_models):
+      block = corr[:n, m * n:(m + 1) * n]
+      rows, cols = scipy.optimize.linear_sum_assignment(block, maximize=True)
+      for r, c in zip(rows, cols):
+        groups[r].append(m * n + int(c))
+    return merge_from_groups(groups, corr.shape[0])
+
+  matcher.__name__ = "permute()"
+  return matcher
+
+
+def describe(matcher: Callable) -> str:
+  return getattr(matcher, "__name__", repr(matcher))

@@ -1,0 +1,428 @@
+"""The zip spec: named feature spaces, and what every array axis of a model does with them.
+
+A spec says, for every leaf of a variables tree (``params`` and ``batch_stats``), which axes
+*write* a feature space (they get the merge matrix M), which *read* one (they get the unmerge
+matrix U), which hold a variance of one (they get M squared), and which are untouched. It also
+knows how to run the model: its plain forward pass, the capture of each space's features, and
+the batch statistics of its BatchNorm layers.
+
+Model code and spec read alike::
+
+    leaves = {
+        **spec.conv("conv1", None, "s1"),
+        **spec.batchnorm("bn1", "s1"),
+        **spec.dense("head", "s1", None),
+    }
+    the_spec = spec.linen_spec(module, spaces=[spec.Space("s1", 64)], leaves=leaves)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zipjax._src.errors import MismatchError, SpecError, fmt_path, key_name
+
+Path = tuple[str, ...]
+Variables = Mapping[str, Any]
+
+#: The Flax collection that models ``sow`` their features into (see :func:`capture`).
+FEATURES = "zip_features"
+_SOW_PREFIX = "space:"
+
+OUT = "out"  # the axis writes the space: merged with M
+IN = "in"  # the axis reads the space: merged with U
+VAR = "var"  # the axis holds variances of the space: merged with M * M
+_ROLES = (OUT, IN, VAR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+  """A feature space: ``width`` channels that one set of layers writes."""
+
+  name: str
+  width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """What one array axis does with a space: ``role`` is 'out', 'in' or 'var'."""
+
+  space: str
+  role: str
+
+  def __post_init__(self):
+    if self.role not in _ROLES:
+      raise SpecError(f"Axis role must be one of {_ROLES}, got {self.role!r}.")
+
+
+# A leaf's axes: {axis index (negative counts from the end): Axis}. Empty: untouched.
+LeafAxes = Mapping[int, Axis]
+
+
+def capture(module: nn.Module, space: str, x: jax.Array) -> None:
+  """Records ``x`` as features of ``space`` (channels last) from inside a linen module.
+
+  Call it after the activation. A space may be captured at several places (a residual
+  stream after every block); all captures count as samples of the same space. Nothing is
+  recorded while the module is being initialised, so ``model.init`` stays clean.
+  """
+  if module.is_initializing() or not module.is_mutable_collection(FEATURES):
+    return
+  # Prefixed, so a space may share its name with a submodule of the capturing module.
+  module.sow(FEATURES, _SOW_PREFIX + space, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers per module type. Each returns {leaf path: LeafAxes} for one module; None as a space
+# means "not merged" (the model's input or output).
+
+
+def _module_path(name: str | Sequence[str]) -> Path:
+  return tuple(name.split("/")) if isinstance(name, str) else tuple(name)
+
+
+def _axes(*entries: tuple[int, str, str | None]) -> dict[int, Axis]:
+  """{axis: Axis(space, role)} from (axis, role, space) triples, skipping space None."""
+  return {axis: Axis(space, role) for axis, role, space in entries if space is not None}
+
+
+def dense(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
+          bias: bool = True) -> dict[Path, LeafAxes]:
+  """``nn.Dense``: kernel (in, out), bias (out)."""
+  p = ("params",) + _module_path(name)
+  leaves = {p + ("kernel",): _axes((-2, IN, in_space), (-1, OUT, out_space))}
+  if bias:
+    leaves[p + ("bias",)] = _axes((-1, OUT, out_space))
+  return leaves
+
+
+def conv(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
+         bias: bool = True) -> dict[Path, LeafAxes]:
+  """``nn.Conv`` of any spatial rank: kernel (*window, in, out), bias (out)."""
+  return dense(name, in_space, out_space, bias=bias)
+
+
+def batchnorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
+  """``nn.BatchNorm`` on a space: scale/bias/mean get M, var gets M squared."""
+  p = _module_path(name)
+  return {
+      ("params",) + p + ("scale",): _axes((-1, OUT, space)),
+      ("params",) + p + ("bias",): _axes((-1, OUT, space)),
+      ("batch_stats",) + p + ("mean",): _axes((-1, OUT, space)),
+      ("batch_stats",) + p + ("var",): _axes((-1, VAR, space)),
+  }
+
+
+def layernorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
+  """``nn.LayerNorm`` over a space: scale and bias get M."""
+  p = ("params",) + _module_path(name)
+  return {p + ("scale",): _axes((-1, OUT, space)), p + ("bias",): _axes((-1, OUT, space))}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Spec:
+  """Everything zipjax needs to know about a model to merge copies of it.
+
+  Attributes:
+    spaces: the feature spaces, in network order.
+    leaves: for every leaf path of the variables, its axes (an empty mapping: untouched).
+    stop_points: the spaces a partial zip may stop at, in network order.
+    apply: ``apply(variables, x) -> outputs``, the model in inference mode.
+    features: ``features(variables, x) -> {space: [arrays (..., width)]}``.
+    batchnorm_stats: ``batchnorm_stats(variables, x) -> {batch_stats path: (mean, var)}``,
+      computed with every BatchNorm layer normalising by the statistics of the batch.
+    name: a label for messages.
+
+  Specs hash by identity, so jitted passes are compiled once per spec.
+  """
+
+  spaces: tuple[Space, ...]
+  leaves: Mapping[Path, LeafAxes]
+  stop_points: tuple[str, ...]
+  apply: Callable[[Variables, Any], Any]
+  features: Callable[[Variables, Any], Mapping[str, Sequence[jax.Array]]]
+  batchnorm_stats: Callable[[Variables, Any], Mapping[Path, tuple[jax.Array, jax.Array]]]
+  name: str = "model"
+
+  def __post_init__(self):
+    names = [s.name for s in self.spaces]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+      raise SpecError(f"Spec {self.name!r} declares these spaces twice: {dupes}.")
+    known = set(names)
+    for path, axes in self.leaves.items():
+      for axis, ax in axes.items():
+        if ax.space not in known:
+          raise SpecError(
+              f"Leaf {fmt_path(path)} axis {axis} names the unknown space {ax.space!r}; "
+              f"declare it in `spaces` (known: {names}).")
+    unknown_stops = [s for s in self.stop_points if s not in known]
+    if unknown_stops:
+      raise SpecError(f"Stop points {unknown_stops} are not spaces of spec {self.name!r} "
+                      f"(spaces: {names}).")
+
+  @property
+  def space_names(self) -> tuple[str, ...]:
+    return tuple(s.name for s in self.spaces)
+
+  def width(self, space: str) -> int:
+    for s in self.spaces:
+      if s.name == space:
+        return s.width
+    raise SpecError(f"Unknown space {space!r}; the spaces of {self.name!r} are "
+                    f"{list(self.space_names)}.")
+
+  def leaf_axes(self, path: Path, ndim: int) -> dict[int, Axis]:
+    """The axes of one leaf with non-negative indices."""
+    return {a % ndim: ax for a, ax in self.leaves[path].items()}
+
+  def __repr__(self):
+    return (f"Spec({self.name!r}, {len(self.spaces)} spaces, {len(self.leaves)} leaves, "
+            f"stop_points={list(self.stop_points)})")
+
+
+def _batchnorm_interceptor(record: dict):
+  """Replaces every nn.BatchNorm call by normalisation with the batch's own statistics."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if kwargs.get("mask") is not None:
+      raise SpecError(f"BatchNorm {fmt_path(module.path)} is called with a mask; zipjax's "
+                      "BatchNorm reset does not support masked statistics.")
+    x = args[0]
+    axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    axes = tuple(a % x.ndim for a in axes)
+    reduce = tuple(i for i in range(x.ndim) if i not in axes)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(reduce)
+    var = jnp.square(xf - jnp.expand_dims(mean, reduce)).mean(reduce)
+    path = ("batch_stats",) + tuple(module.path)
+    if path + ("mean",) in record:
+      raise SpecError(f"BatchNorm {fmt_path(module.path)} is called twice in one forward "
+                      "pass; its statistics are ambiguous.")
+    record[path + ("mean",)] = mean
+    record[path + ("var",)] = var
+    shape = [1] * x.ndim
+    for a in axes:
+      shape[a] = x.shape[a]
+    y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + module.epsilon)
+    params = module.variables.get("params", {})
+    if module.use_scale:
+      y = y * params["scale"].reshape(shape)
+    if module.use_bias:
+      y = y + params["bias"].reshape(shape)
+    return y.astype(module.dtype or x.dtype)
+
+  return interceptor
+
+
+def linen_spec(module: nn.Module, *, spaces: Iterable[Space],
+               leaves: Mapping[Path, LeafAxes], stop_points: Sequence[str] = (),
+               apply_kwargs: Mapping[str, Any] | None = None,
+               name: str | None = None) -> Spec:
+  """A spec for a flax.linen module that ``capture``s its features.
+
+  Args:
+    module: the module; ``module.apply(variables, x, **apply_kwargs)`` is inference mode.
+    spaces: its feature spaces in network order.
+    leaves: ``{leaf path: axes}`` for every leaf, from :func:`dense`, :func:`conv`, ...
+    stop_points: spaces where every path of the network passes (valid partial-zip stops).
+    apply_kwargs: extra keyword arguments of the inference-mode call.
+    name: a label for messages (default: the module's class name).
+  """
+  kwargs = dict(apply_kwargs or {})
+
+  def apply(variables, x):
+    return module.apply(_model_vars(variables), x, **kwargs)
+
+  def features(variables, x):
+    _, state = module.apply(_model_vars(variables), x, mutable=[FEATURES], **kwargs)
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(state.get(FEATURES, {}))[0]:
+      # sow stores a tuple per name: the path ends with (..., name, index).
+      name = key_name(path[-2])
+      if name.startswith(_SOW_PREFIX):
+        out.setdefault(name[len(_SOW_PREFIX):], []).append(value)
+    return out
+
+  def batchnorm_stats(variables, x):
+    record: dict = {}
+    with nn.intercept_methods(_batchnorm_interceptor(record)):
+      module.apply(_model_vars(variables), x, **kwargs)
+    return record
+
+  return Spec(spaces=tuple(spaces), leaves=dict(leaves), stop_points=tuple(stop_points),
+              apply=apply, features=features, batchnorm_stats=batchnorm_stats,
+              name=name or type(module).__name__)
+
+
+def _model_vars(variables):
+  """Drops a stale features collection (e.g. from a user's own init) before applying."""
+  if FEATURES in variables:
+    return {k: v for k, v in variables.items() if k != FEATURES}
+  return variables
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def flatten(variables: Variables) -> dict[Path, Any]:
+  """{path of str keys: leaf} of a variables tree (features collection excluded)."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(_model_vars(variables))[0]:
+    flat[tuple(key_name(k) for k in path)] = leaf
+  return flat
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict:
+  """The inverse of :func:`flatten` for nested dicts."""
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def validate(spec: Spec, variables: Variables, *, label: str = "variables") -> dict[Path, Any]:
+  """Checks that ``spec`` covers ``variables`` exactly and that axis sizes match the widths.
+
+  Returns the flat variables. Raises SpecError naming every offending path.
+  """
+  flat = flatten(variables)
+  missing = sorted(fmt_path(p) for p in flat if p not in spec.leaves)
+  extra = sorted(fmt_path(p) for p in spec.leaves if p not in flat)
+  if missing or extra:
+    lines = [f"Spec {spec.name!r} does not match the leaves of {label}."]
+    if missing:
+      lines.append(f"  In {label}, not in the spec ({len(missing)}): {missing[:12]}"
+                   + (" ..." if len(missing) > 12 else ""))
+      lines.append("  Fix: add them with zipjax.spec.dense/conv/batchnorm/layernorm, or with "
+                   "an empty axes mapping {} if they touch no feature space.")
+    if extra:
+      lines.append(f"  In the spec, not in {label} ({len(extra)}): {extra[:12]}"
+                   + (" ..." if len(extra) > 12 else ""))
+      lines.append("  Fix: check module names (print jax.tree_util.tree_map(jnp.shape, "
+                   "variables)) and that the variables come from the same model.")
+    raise SpecError("\n".join(lines))
+  for path, leaf in flat.items():
+    shape = np.shape(leaf)
+    for axis, ax in spec.leaves[path].items():
+      if not -len(shape) <= axis < len(shape):
+        raise SpecError(f"Leaf {fmt_path(path)} has shape {shape}, but the spec gives its axis "
+                        f"{axis} to space {ax.space!r}.")
+      width = spec.width(ax.space)
+      if shape[axis] != width:
+        raise SpecError(
+            f"Leaf {fmt_path(path)} axis {axis} has size {shape[axis]} (shape {shape}), but "
+            f"space {ax.space!r} has width {width}. Fix the space width or the axis.")
+  return flat
+
+
+def check_same_structure(variables_list: Sequence[Variables]) -> list[dict[Path, Any]]:
+  """Flattens N variables trees and checks they have the same leaves and shapes."""
+  flats = [flatten(v) for v in variables_list]
+  ref = flats[0]
+  for m, flat in enumerate(flats[1:], start=1):
+    only_0 = sorted(fmt_path(p) for p in ref if p not in flat)
+    only_m = sorted(fmt_path(p) for p in flat if p not in ref)
+    if only_0 or only_m:
+      raise MismatchError(
+          f"Models 0 and {m} have different variables trees (different architectures?).\n"
+          f"  only in model 0: {only_0[:12]}\n  only in model {m}: {only_m[:12]}")
+    for p in ref:
+      if np.shape(ref[p]) != np.shape(flat[p]):
+        raise MismatchError(
+            f"Leaf {fmt_path(p)} has shape {np.shape(ref[p])} in model 0 but "
+            f"{np.shape(flat[p])} in model {m}; models of different widths cannot be zipped.")
+  return flats
+
+
+def check_finite(flat: Mapping[Path, Any], *, label: str) -> None:
+  """Raises if any leaf holds NaN or infinity."""
+  bad = [fmt_path(p) for p, leaf in flat.items()
+         if not bool(jnp.all(jnp.isfinite(jnp.asarray(leaf))))]
+  if bad:
+    raise MismatchError(f"{label} has non-finite values in {bad[:12]}; zipping them would "
+                        "spread NaN through the merged model. Fix the checkpoint first.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutations: the test that a spec is right.
+
+
+def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:
+  """One random permutation per space."""
+  keys = jax.random.split(key, len(spec.spaces))
+  return {s.name: np.asarray(jax.random.permutation(k, s.width))
+          for s, k in zip(spec.spaces, keys)}
+
+
+def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = None, *,
+                   perms: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Returns variables of the same function with the channels of every space permuted.
+
+  Give a ``key`` for random permutations, or ``perms`` ({space: index array}) for chosen
+  ones (spaces not in ``perms`` are left as they are).
+  """
+  if (key is None) == (perms is None):
+    raise ValueError("permute_spaces needs exactly one of `key` or `perms`.")
+  if perms is None:
+    perms = random_permutations(spec, key)
+  flat = validate(spec, variables)
+  out = {}
+  for path, leaf in flat.items():
+    leaf = jnp.asarray(leaf)
+    for axis, ax in spec.leaf_axes(path, leaf.ndim).items():
+      if ax.space in perms:
+        leaf = jnp.take(leaf, jnp.asarray(perms[ax.space]), axis=axis)
+    out[path] = leaf
+  return unflatten(out)
+
+
+def _max_rel_diff(a, b) -> float:
+  diffs = jax.tree_util.tree_map(
+      lambda u, v: float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(u)) + 1e-12)), a, b)
+  return max(jax.tree_util.tree_leaves(diffs), default=0.0)
+
+
+def check_spec(spec: Spec, variables: Variables, x: Any, *, key: jax.Array | None = None,
+               rtol: float = 1e-4) -> None:
+  """Raises SpecError if permuting the spaces of ``spec`` changes the model's outputs.
+
+  A correct spec describes symmetries of the model: permuting any space, with every axis that
+  writes or reads it, leaves the function unchanged. On failure the error names the spaces
+  whose permutation alone breaks the model.
+  """
+  if key is None:
+    key = jax.random.key(0)
+  validate(spec, variables)
+  apply = jax.jit(spec.apply)
+  ref = apply(variables, x)
+  perms = random_permutations(spec, key)
+  diff = _max_rel_diff(ref, apply(permute_spaces(variables, spec, perms=perms), x))
+  if not math.isfinite(diff) or diff > rtol:
+    culprits = []
+    for name, perm in perms.items():
+      d = _max_rel_diff(ref, apply(permute_spaces(variables, spec, perms={name: perm}), x))
+      if not math.isfinite(d) or d > rtol:
+        culprits.append(f"{name} (relative change {d:.3g})")
+    raise SpecError(
+        f"Spec {spec.name!r} is wrong: permuting its spaces changes the model's outputs by "
+        f"{diff:.3g} (relative; tolerance {rtol}). Spaces whose permutation alone changes the "
+        f"outputs: {culprits or 'none alone; check spaces that share a leaf'}. Check that every "
+        "layer writing such a space has an 'out' axis and every layer reading it an 'in' axis.")

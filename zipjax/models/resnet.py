@@ -1,0 +1,173 @@
+"""ResNets: CIFAR ResNet-20 and ImageNet ResNet-50, both with a width multiplier.
+
+Each stage's residual stream is one feature space: the stem (or the stage's projection
+shortcut) and every block's last BatchNorm write it, every block's first conv reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zipjax._src import spec as S
+
+
+def _bn(train: bool, name: str):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+
+
+class BasicBlock(nn.Module):
+  """3x3 conv, BN, ReLU, 3x3 conv, BN, plus a shortcut (3x3 conv + BN where shapes change)."""
+
+  features: int
+  strides: int
+  stream: str
+  inner: str
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, self.features, (3, 3), use_bias=False)
+    y = conv(strides=self.strides, name="conv1")(x)
+    y = nn.relu(_bn(train, "bn1")(y))
+    S.capture(self, self.inner, y)
+    y = _bn(train, "bn2")(conv(name="conv2")(y))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = conv(strides=self.strides, name="shortcut_conv")(x)
+      x = _bn(train, "shortcut_bn")(x)
+    y = nn.relu(y + x)
+    S.capture(self, self.stream, y)
+    return y
+
+
+class ResNet20(nn.Module):
+  width: float = 1.0
+  num_outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    widths = _resnet20_widths(self.width)
+    x = nn.Conv(widths[0], (3, 3), use_bias=False, name="stem_conv")(x.astype(jnp.float32))
+    x = nn.relu(_bn(train, "stem_bn")(x))
+    S.capture(self, "stage1", x)
+    for s, w in enumerate(widths, start=1):
+      for b in range(3):
+        x = BasicBlock(w, 2 if (s > 1 and b == 0) else 1, stream=f"stage{s}",
+                       inner=f"stage{s}_block{b}", name=f"stage{s}_block{b}")(x, train)
+    return nn.Dense(self.num_outputs, name="head")(x.mean(axis=(1, 2)))
+
+
+def _resnet20_widths(width: float) -> list[int]:
+  return [max(1, int(round(c * width))) for c in (16, 32, 64)]
+
+
+def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spec]:
+  """CIFAR ResNet-20 with 16w/32w/64w channels; stop points are the ends of the 3 stages."""
+  module = ResNet20(width=width, num_outputs=num_outputs)
+  widths = _resnet20_widths(width)
+  spaces, leaves = [], {}
+  leaves.update(S.conv("stem_conv", None, "stage1", bias=False))
+  leaves.update(S.batchnorm("stem_bn", "stage1"))
+  prev = "stage1"
+  for s, w in enumerate(widths, start=1):
+    stream = f"stage{s}"
+    spaces.append(S.Space(stream, w))
+    for b in range(3):
+      blk = inner = f"stage{s}_block{b}"
+      spaces.append(S.Space(inner, w))
+      leaves.update(S.conv(f"{blk}/conv1", prev, inner, bias=False))
+      leaves.update(S.batchnorm(f"{blk}/bn1", inner))
+      leaves.update(S.conv(f"{blk}/conv2", inner, stream, bias=False))
+      leaves.update(S.batchnorm(f"{blk}/bn2", stream))
+      if prev != stream:
+        leaves.update(S.conv(f"{blk}/shortcut_conv", prev, stream, bias=False))
+        leaves.update(S.batchnorm(f"{blk}/shortcut_bn", stream))
+      prev = stream
+  leaves.update(S.dense("head", prev, None))
+  return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
+                              stop_points=[f"stage{s}" for s in (1, 2, 3)],
+                              name=f"resnet20x{width:g}")
+
+
+class Bottleneck(nn.Module):
+  """1x1, 3x3 (strided), 1x1 convs with BN, plus a 1x1 conv + BN projection shortcut."""
+
+  planes: int
+  strides: int
+  stream: str
+  inner: str
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.Conv(self.planes, (1, 1), use_bias=False, name="conv1")(x)
+    y = nn.relu(_bn(train, "bn1")(y))
+    S.capture(self, self.inner + "_a", y)
+    y = nn.Conv(self.planes, (3, 3), strides=self.strides, use_bias=False, name="conv2")(y)
+    y = nn.relu(_bn(train, "bn2")(y))
+    S.capture(self, self.inner + "_b", y)
+    y = nn.Conv(4 * self.planes, (1, 1), use_bias=False, name="conv3")(y)
+    y = _bn(train, "bn3")(y)
+    if self.strides != 1 or x.shape[-1] != 4 * self.planes:
+      x = nn.Conv(4 * self.planes, (1, 1), strides=self.strides, use_bias=False,
+                  name="shortcut_conv")(x)
+      x = _bn(train, "shortcut_bn")(x)
+    y = nn.relu(y + x)
+    S.capture(self, self.stream, y)
+    return y
+
+
+_RESNET50_BLOCKS = (3, 4, 6, 3)
+
+
+def _resnet50_planes(width: float) -> list[int]:
+  return [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+
+
+class ResNet50(nn.Module):
+  width: float = 1.0
+  num_outputs: int = 1000
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    planes = _resnet50_planes(self.width)
+    x = nn.Conv(planes[0], (7, 7), strides=2, padding=3, use_bias=False,
+                name="stem_conv")(x.astype(jnp.float32))
+    x = nn.relu(_bn(train, "stem_bn")(x))
+    S.capture(self, "stem", x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for s, (p, n) in enumerate(zip(planes, _RESNET50_BLOCKS), start=1):
+      for b in range(n):
+        x = Bottleneck(p, 2 if (s > 1 and b == 0) else 1, stream=f"stage{s}",
+                       inner=f"stage{s}_block{b}", name=f"stage{s}_block{b}")(x, train)
+    return nn.Dense(self.num_outputs, name="head")(x.mean(axis=(1, 2)))
+
+
+def resnet50(width: float = 1.0, num_outputs: int = 1000) -> tuple[ResNet50, S.Spec]:
+  """ImageNet ResNet-50 (v1.5) with a channel multiplier; stop points: stem, stage1..4."""
+  module = ResNet50(width=width, num_outputs=num_outputs)
+  planes = _resnet50_planes(width)
+  spaces = [S.Space("stem", planes[0])]
+  leaves = {**S.conv("stem_conv", None, "stem", bias=False), **S.batchnorm("stem_bn", "stem")}
+  prev = "stem"
+  for s, (p, n) in enumerate(zip(planes, _RESNET50_BLOCKS), start=1):
+    stream = f"stage{s}"
+    spaces.append(S.Space(stream, 4 * p))
+    for b in range(n):
+      blk = f"stage{s}_block{b}"
+      a, c = blk + "_a", blk + "_b"
+      spaces += [S.Space(a, p), S.Space(c, p)]
+      leaves.update(S.conv(f"{blk}/conv1", prev, a, bias=False))
+      leaves.update(S.batchnorm(f"{blk}/bn1", a))
+      leaves.update(S.conv(f"{blk}/conv2", a, c, bias=False))
+      leaves.update(S.batchnorm(f"{blk}/bn2", c))
+      leaves.update(S.conv(f"{blk}/conv3", c, stream, bias=False))
+      leaves.update(S.batchnorm(f"{blk}/bn3", stream))
+      if prev != stream:
+        leaves.update(S.conv(f"{blk}/shortcut_conv", prev, stream, bias=False))
+        leaves.update(S.batchnorm(f"{blk}/shortcut_bn", stream))
+      prev = stream
+  leaves.update(S.dense("head", prev, None))
+  return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
+                              stop_points=["stem"] + [f"stage{s}" for s in (1, 2, 3, 4)],
+                              name=f"resnet50x{width:g}")

@@ -1,0 +1,68 @@
+"""VGG for 32x32 images: conv + BatchNorm + ReLU stacks, max-pooling, one linear classifier."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zipjax._src import spec as S
+
+_CONFIGS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"),
+}
+
+
+def _widths(config: Sequence, width: float) -> list[int]:
+  return [max(1, int(round(c * width))) for c in config if c != "M"]
+
+
+class VGG(nn.Module):
+  config: tuple
+  width: float = 1.0
+  num_outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(jnp.float32)
+    widths = iter(_widths(self.config, self.width))
+    i = 0
+    for c in self.config:
+      if c == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      x = nn.Conv(next(widths), (3, 3), name=f"conv{i}")(x)
+      x = nn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+      x = nn.relu(x)
+      S.capture(self, f"conv{i}", x)
+      i += 1
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(self.num_outputs, name="head")(x)
+
+
+def _vgg(name: str, width: float, num_outputs: int) -> tuple[VGG, S.Spec]:
+  config = _CONFIGS[name]
+  module = VGG(config=config, width=width, num_outputs=num_outputs)
+  widths = _widths(config, width)
+  names = [f"conv{i}" for i in range(len(widths))]
+  leaves, prev = {}, None
+  for n in names:
+    leaves.update(S.conv(n, prev, n))
+    leaves.update(S.batchnorm(f"bn{n[4:]}", n))
+    prev = n
+  leaves.update(S.dense("head", prev, None))
+  return module, S.linen_spec(module, spaces=[S.Space(n, w) for n, w in zip(names, widths)],
+                              leaves=leaves, stop_points=names, name=f"{name}x{width:g}")
+
+
+def vgg11(width: float = 1.0, num_outputs: int = 10) -> tuple[VGG, S.Spec]:
+  """VGG-11 (BatchNorm) with channel multiplier ``width``; every conv is a stop point."""
+  return _vgg("vgg11", width, num_outputs)
+
+
+def vgg16(width: float = 1.0, num_outputs: int = 10) -> tuple[VGG, S.Spec]:
+  """VGG-16 (BatchNorm) with channel multiplier ``width``; every conv is a stop point."""
+  return _vgg("vgg16", width, num_outputs)
