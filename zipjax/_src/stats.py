@@ -48,7 +48,7 @@ def update_stats(stats: FeatureStats, samples: jax.Array) -> FeatureStats:
   samples = samples.astype(jnp.float32)
   b = samples.shape[0]
   b_mean = samples.mean(0)
-  centred = samples - b_mean
+  centred = samples - b_mean[None, :]
   b_m2 = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
   n = stats.count + b
   frac = jnp.float32(b) / n.astype(jnp.float32)

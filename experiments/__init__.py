@@ -1,0 +1,1 @@
+"""The ZipIt! paper's experiments on zipjax: data, training of source models, evaluation."""

@@ -1,0 +1,134 @@
+"""Matchers: greedy against the plain loop of the paper's algorithm, and each invariant."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+from zipjax import match
+
+
+def random_corr(dim, seed, *, quantise=False):
+  """A random correlation matrix (optionally rounded to create many ties)."""
+  rng = np.random.default_rng(seed)
+  f = rng.normal(size=(4 * dim, dim)) @ rng.normal(size=(dim, dim))
+  corr = np.corrcoef(f.T)
+  if quantise:
+    corr = np.round(corr, 1)
+  return corr
+
+
+def groups_of(merge):
+  return [tuple(np.flatnonzero(row)) for row in np.asarray(merge.M)]
+
+
+CASES = [(n, N, alpha, beta, q)
+         for n in (1, 4, 16, 33)
+         for N in (2, 3)
+         for alpha, beta in ((1.0, 0.0), (0.5, 0.5), (0.1, 1.0), (0.3, 0.25))
+         for q in (False, True)]
+
+
+@pytest.mark.parametrize("n,N,alpha,beta,quantise", CASES)
+def test_greedy_equals_plain_loop(n, N, alpha, beta, quantise):
+  corr = random_corr(N * n, seed=n * 10 + N, quantise=quantise)
+  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
+  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
+  np.testing.assert_array_equal(fast.M, ref.M)
+  np.testing.assert_array_equal(fast.U, ref.U)
+
+
+def _check_merge_invariants(merge, n, N):
+  M, U = np.asarray(merge.M), np.asarray(merge.U)
+  assert M.shape == (n, N * n) and U.shape == (N * n, n)
+  # Every original feature belongs to exactly one merged feature.
+  np.testing.assert_array_equal(U.sum(1), np.ones(N * n))
+  # U copies back (0/1) and M averages the same members.
+  assert set(np.unique(U)) <= {0.0, 1.0}
+  np.testing.assert_allclose(M.sum(1), np.ones(n), rtol=1e-6)
+  np.testing.assert_allclose(M, U.T / U.sum(0)[:, None], rtol=1e-6)
+
+
+@pytest.mark.parametrize("matcher", [match.greedy(), match.greedy(alpha=1.0, beta=0.0),
+                                     match.permute(), match.identity()],
+                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize("N", [2, 3, 4])
+def test_merge_invariants(matcher, N):
+  n = 12
+  _check_merge_invariants(matcher(random_corr(N * n, seed=N), num_models=N), n, N)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("N", [2, 3])
+def test_greedy_respects_same_model_budget(beta, N):
+  n = 16
+  # Strong within-model correlations tempt greedy to merge inside models.
+  corr = random_corr(N * n, seed=3)
+  for m in range(N):
+    blk = slice(m * n, (m + 1) * n)
+    corr[blk, blk] = np.clip(corr[blk, blk] + 0.5, -1, 1)
+  np.fill_diagonal(corr, 1.0)
+  merge = match.greedy(alpha=0.2, beta=beta)(corr, num_models=N)
+  budget = match.same_model_budget(beta, N, n)
+  # Replay the merges: count same-model merges charged to each owner.
+  within = np.zeros(N, int)
+  for members in groups_of(merge):
+    # A group of k members took k-1 merges; each merge joins the group (owned by the model
+    # of its lowest member) with a feature; same-model iff that feature's model is the owner.
+    owner = members[0] // n
+    within[owner] += sum(1 for i in members[1:] if i // n == owner)
+  assert (within <= budget).all(), (within, budget)
+  if beta == 0.0:
+    assert within.sum() == 0
+
+
+def test_greedy_self_merge_pairs_twins():
+  n = 10
+  corr = random_corr(n, seed=1)
+  full = np.block([[corr, corr], [corr, corr]])
+  merge = match.greedy(alpha=0.5, beta=0.5)(full, num_models=2)
+  assert groups_of(merge) == [(j, n + j) for j in range(n)]
+
+
+def test_permute_matches_scipy_assignment():
+  n = 20
+  corr = random_corr(2 * n, seed=7)
+  rows, cols = scipy.optimize.linear_sum_assignment(-corr[:n, n:])
+  merge = match.permute()(corr, num_models=2)
+  assert groups_of(merge) == [(r, n + c) for r, c in zip(rows, cols)]
+
+
+def test_identity_is_weight_averaging():
+  merge = match.identity()(np.eye(6), num_models=3)
+  ms, us = merge.blocks()
+  for m in range(3):
+    np.testing.assert_allclose(ms[m], np.eye(2) / 3)
+    np.testing.assert_array_equal(us[m], np.eye(2))
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha=0.0), dict(alpha=1.5), dict(beta=-0.1),
+                                    dict(beta=2.0)])
+def test_greedy_rejects_bad_options(kwargs):
+  with pytest.raises(ValueError, match="greedy"):
+    match.greedy(**kwargs)
+
+
+def test_matchers_reject_bad_correlations():
+  m = match.greedy()
+  with pytest.raises(ValueError, match="square"):
+    m(np.zeros((4, 6)), num_models=2)
+  with pytest.raises(ValueError, match="equal blocks"):
+    m(np.eye(5), num_models=2)
+  with pytest.raises(ValueError, match="at least 2"):
+    m(np.eye(4), num_models=1)
+  bad = np.eye(4)
+  bad[0, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    m(bad, num_models=2)
+
+
+def test_matchers_do_not_mutate_input():
+  corr = random_corr(16, seed=2)
+  before = corr.copy()
+  for m in (match.greedy(), match.permute(), match.identity()):
+    m(corr, num_models=2)
+  np.testing.assert_array_equal(corr, before)

@@ -1,0 +1,99 @@
+"""Feature statistics against numpy float64, their numerics, and bad calibration data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zipjax
+from zipjax import models
+from zipjax._src import stats as stats_lib
+
+
+@pytest.fixture(scope="module")
+def resnet_pair():
+  model, spec = models.resnet20(width=0.5)
+  x = jax.random.normal(jax.random.key(0), (12, 16, 16, 3))
+  va = model.init(jax.random.key(1), x[:2])
+  vb = model.init(jax.random.key(2), x[:2])
+  return spec, va, vb, [x[:8], x[8:]]
+
+
+def test_stats_equal_numpy_float64(resnet_pair):
+  spec, va, vb, data = resnet_pair
+  stats = zipjax.compute_stats(spec, [va, vb], data)
+  for name in ("stage1", "stage2_block1", "stage3"):
+    samples = []
+    for x in data:
+      fa, fb = spec.features(va, x)[name], spec.features(vb, x)[name]
+      per_model = [np.concatenate([np.asarray(f, np.float64).reshape(-1, f.shape[-1])
+                                   for f in feats]) for feats in (fa, fb)]
+      samples.append(np.concatenate(per_model, axis=1))
+    f = np.concatenate(samples)
+    s = stats[name]
+    assert int(s.count) == f.shape[0]
+    np.testing.assert_allclose(s.mean, f.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.covariance, np.cov(f.T), rtol=1e-4, atol=1e-5)
+
+
+def test_stream_space_counts_every_capture(resnet_pair):
+  spec, va, vb, data = resnet_pair
+  stats = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1"])
+  # Stem + 3 blocks capture stage1 at 16x16 for each of the 12 images.
+  assert int(stats["stage1"].count) == 4 * 12 * 16 * 16
+
+
+def test_update_is_stable_with_large_offsets():
+  rng = np.random.default_rng(0)
+  f = (1e4 + rng.normal(size=(4000, 3)) * np.array([1.0, 2.0, 0.5])).astype(np.float32)
+  s = stats_lib.init_stats(3)
+  for chunk in np.split(f, 8):
+    s = stats_lib.update_stats(s, jnp.asarray(chunk))
+  np.testing.assert_allclose(s.covariance, np.cov(f.astype(np.float64).T), rtol=1e-3,
+                             atol=1e-3)
+
+
+def test_correlation_defines_dead_features():
+  rng = np.random.default_rng(0)
+  live = rng.normal(size=(100, 2))
+  f = np.concatenate([live, np.zeros((100, 2)), np.full((100, 1), 3.0)], axis=1)
+  s = stats_lib.update_stats(stats_lib.init_stats(5), jnp.asarray(f, jnp.float32))
+  corr = np.asarray(zipjax.correlation(s))
+  assert np.isfinite(corr).all()
+  np.testing.assert_array_equal(np.diag(corr), np.ones(5))
+  # Dead features are interchangeable with dead features of the same value only.
+  assert corr[2, 3] == 1.0 and corr[2, 4] == 0.0 and corr[0, 2] == 0.0
+  np.testing.assert_allclose(corr[:2, :2], np.corrcoef(live.T), rtol=1e-5)
+
+
+def test_identical_features_correlate_exactly_one():
+  f = np.random.default_rng(1).normal(size=(256, 3)).astype(np.float32)
+  s = stats_lib.update_stats(stats_lib.init_stats(6), jnp.asarray(np.concatenate([f, f], 1)))
+  corr = np.asarray(zipjax.correlation(s))
+  np.testing.assert_allclose(np.diag(corr[:3, 3:]), np.ones(3), rtol=0, atol=1e-6)
+
+
+def test_nan_features_raise(resnet_pair):
+  spec, va, vb, data = resnet_pair
+  bad = [data[0].at[0, 0, 0, 0].set(jnp.nan)]
+  with pytest.raises(zipjax.DataError, match="not finite"):
+    zipjax.compute_stats(spec, [va, vb], bad)
+
+
+def test_one_shot_iterator_and_empty_data_raise(resnet_pair):
+  spec, va, vb, data = resnet_pair
+  with pytest.raises(zipjax.DataError, match="one-shot iterator"):
+    zipjax.compute_stats(spec, [va, vb], iter(data))
+  with pytest.raises(zipjax.DataError, match="generator"):
+    zipjax.zip(va, vb, spec, data=(x for x in data))
+  with pytest.raises(zipjax.DataError, match="no batches"):
+    zipjax.compute_stats(spec, [va, vb], [])
+
+
+def test_batches_may_be_tuples_or_dicts(resnet_pair):
+  spec, va, vb, data = resnet_pair
+  plain = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage3"])
+  labels = np.zeros(8)
+  for wrapped in ([(x, labels) for x in data], [{"image": x} for x in data]):
+    got = zipjax.compute_stats(spec, [va, vb], wrapped, spaces=["stage3"])
+    np.testing.assert_array_equal(got["stage3"].m2, plain["stage3"].m2)

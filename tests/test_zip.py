@@ -1,0 +1,160 @@
+"""zip / zip_many end to end: self-merges, permutation recovery, BatchNorm reset, bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zipjax
+from zipjax import match
+from zipjax import models
+from zipjax import spec as S
+from tests import zoo
+
+MATCHERS = {
+    "greedy": match.greedy(),
+    "greedy_alpha1_beta0": match.greedy(alpha=1.0, beta=0.0),
+    "permute": match.permute(),
+    "identity": match.identity(),
+}
+
+
+def _rel_diff(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.fixture(scope="module", params=list(zoo.ZOO))
+def model_case(request):
+  spec, (va, vb), data = zoo.make(request.param)
+  return spec, zipjax.reset_batchnorm(spec, va, data), vb, data
+
+
+@pytest.mark.parametrize("matcher", list(MATCHERS))
+def test_self_merge_reproduces_model(model_case, matcher):
+  spec, v, _, data = model_case
+  merged = zipjax.zip(v, v, spec, data=data, matcher=MATCHERS[matcher])
+  for x in data:
+    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("matcher", ["permute", "greedy_alpha1_beta0"])
+def test_permutation_recovery(model_case, matcher):
+  spec, v, _, data = model_case
+  vp = zipjax.permute_spaces(v, spec, jax.random.key(7))
+  merged = zipjax.zip(v, vp, spec, data=data, matcher=MATCHERS[matcher])
+  for x in data:
+    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-4
+
+
+def test_merged_tree_matches_inputs_and_is_deterministic(model_case):
+  spec, va, vb, data = model_case
+  m1 = zipjax.zip(va, vb, spec, data=data)
+  m2 = zipjax.zip(va, vb, spec, data=data)
+  assert jax.tree_util.tree_structure(m1) == jax.tree_util.tree_structure(va)
+  for a, b, ref in zip(jax.tree_util.tree_leaves(m1), jax.tree_util.tree_leaves(m2),
+                       jax.tree_util.tree_leaves(va)):
+    assert a.shape == ref.shape and a.dtype == ref.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_three_way_self_merge():
+  spec, (v, _), data = zoo.make("resnet20")
+  v = zipjax.reset_batchnorm(spec, v, data)
+  merged = zipjax.zip_many([v, v, v], spec, data=data, matcher=match.greedy(alpha=1.0))
+  assert _rel_diff(spec.apply(merged, data[0]), spec.apply(v, data[0])) <= 1e-4
+
+
+def test_inputs_are_not_mutated():
+  spec, (va, vb), data = zoo.make("resnet20")
+  va_np = jax.tree_util.tree_map(np.array, va)
+  before = jax.tree_util.tree_map(np.copy, va_np)
+  zipjax.zip(va_np, vb, spec, data=data)
+  zipjax.reset_batchnorm(spec, va_np, data)
+  for a, b in zip(jax.tree_util.tree_leaves(va_np), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
+class _TwoLayer(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(4, name="d1")(x)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(h))
+    S.capture(self, "h", h)
+    return nn.BatchNorm(use_running_average=not train, name="bn2")(nn.Dense(3, name="d2")(h))
+
+
+def _two_layer():
+  module = _TwoLayer()
+  leaves = {**S.dense("d1", None, "h"), **S.batchnorm("bn1", "h"), **S.dense("d2", "h", None),
+            **S.batchnorm("bn2", "h2")}
+  leaves[("batch_stats", "bn2", "mean")] = {}
+  leaves[("batch_stats", "bn2", "var")] = {}
+  leaves[("params", "bn2", "scale")] = {}
+  leaves[("params", "bn2", "bias")] = {}
+  return module, S.linen_spec(module, spaces=[S.Space("h", 4)], leaves=leaves)
+
+
+def test_batchnorm_reset_equals_numpy_batch_statistics():
+  module, spec = _two_layer()
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(n, 5)).astype(np.float32) for n in (32, 16)]
+  v = module.init(jax.random.key(0), batches[0])
+  p = jax.tree_util.tree_map(np.asarray, v["params"])
+  means, vars_ = {"bn1": [], "bn2": []}, {"bn1": [], "bn2": []}
+  for x in batches:
+    x = x.astype(np.float64)
+    z1 = x @ p["d1"]["kernel"] + p["d1"]["bias"]
+    means["bn1"].append(z1.mean(0))
+    vars_["bn1"].append(z1.var(0))
+    h = np.maximum((z1 - z1.mean(0)) / np.sqrt(z1.var(0) + 1e-5) * p["bn1"]["scale"]
+                   + p["bn1"]["bias"], 0)
+    z2 = h @ p["d2"]["kernel"] + p["d2"]["bias"]
+    means["bn2"].append(z2.mean(0))
+    vars_["bn2"].append(z2.var(0))
+  reset = zipjax.reset_batchnorm(spec, v, batches)
+  w = np.array([32, 16]) / 48
+  for layer in ("bn1", "bn2"):
+    np.testing.assert_allclose(reset["batch_stats"][layer]["mean"],
+                               w @ np.stack(means[layer]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reset["batch_stats"][layer]["var"],
+                               w @ np.stack(vars_[layer]), rtol=1e-5, atol=1e-6)
+
+
+def test_zip_rejects_fewer_than_two_models():
+  spec, (va, _), data = zoo.make("mlp")
+  with pytest.raises(ValueError, match="at least 2"):
+    zipjax.zip_many([va], spec, data=data)
+
+
+def test_zip_rejects_different_architectures():
+  spec, (va, _), data = zoo.make("mlp")
+  _, (other, _), _ = zoo.make("resnet20")
+  with pytest.raises(zipjax.MismatchError, match="only in model 0"):
+    zipjax.zip(va, other, spec, data=data)
+
+
+def test_zip_rejects_different_widths_listing_both_shapes():
+  model, spec = models.mlp(widths=(32, 24), num_outputs=5)
+  other, _ = models.mlp(widths=(16, 24), num_outputs=5)
+  x = jnp.ones((2, 8, 8, 1))
+  va, vb = model.init(jax.random.key(0), x), other.init(jax.random.key(0), x)
+  with pytest.raises(zipjax.MismatchError, match=r"\(32,\) in model 0 but \(16,\) in model 1"):
+    zipjax.zip(va, vb, spec, data=[x])
+
+
+def test_zip_rejects_non_finite_parameters():
+  spec, (va, vb), data = zoo.make("mlp")
+  bad = jax.tree_util.tree_map(lambda a: a, vb)
+  bad["params"]["dense0"]["bias"] = bad["params"]["dense0"]["bias"].at[0].set(jnp.inf)
+  with pytest.raises(zipjax.MismatchError, match="params/dense0/bias"):
+    zipjax.zip(va, bad, spec, data=data)
+
+
+def test_apply_merges_checks_merge_shapes():
+  spec, (va, vb), _ = zoo.make("mlp")
+  merges = {s.name: match.identity()(np.eye(2 * s.width), num_models=2) for s in spec.spaces}
+  merges["hidden0"] = match.identity()(np.eye(3 * 32), num_models=3)
+  with pytest.raises(zipjax.MismatchError, match="hidden0"):
+    zipjax.apply_merges(spec, [va, vb], merges)
