@@ -1,12 +1,17 @@
 """zipjax: merge neural networks trained on different tasks, without training (ZipIt!)."""
 
 from zipjax import match
+from zipjax import metrics
 from zipjax import models
 from zipjax import spec
 from zipjax._src.batchnorm import reset_batchnorm
 from zipjax._src.errors import DataError
 from zipjax._src.errors import MismatchError
 from zipjax._src.errors import SpecError
+from zipjax._src.infer import infer_linen_spec
+from zipjax._src.infer import infer_spec
+from zipjax._src.multihead import ensemble
+from zipjax._src.multihead import MultiHead
 from zipjax._src.spec import check_spec
 from zipjax._src.spec import permute_spaces
 from zipjax._src.spec import Spec
@@ -27,10 +32,15 @@ __all__ = (
     "compute_stats",
     "correlation",
     "DataError",
+    "ensemble",
     "FeatureStats",
+    "infer_linen_spec",
+    "infer_spec",
     "match",
+    "metrics",
     "MismatchError",
     "models",
+    "MultiHead",
     "permute_spaces",
     "reset_batchnorm",
     "spec",

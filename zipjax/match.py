@@ -3,19 +3,25 @@
 from zipjax._src.match import greedy
 from zipjax._src.match import greedy_reference
 from zipjax._src.match import identity
+from zipjax._src.match import kmeans
 from zipjax._src.match import Matcher
 from zipjax._src.match import Merge
 from zipjax._src.match import merge_from_groups
+from zipjax._src.match import optimal
 from zipjax._src.match import permute
 from zipjax._src.match import same_model_budget
+from zipjax._src.weight_matching import weight_matching
 
 __all__ = (
     "greedy",
     "greedy_reference",
     "identity",
+    "kmeans",
     "Matcher",
     "Merge",
     "merge_from_groups",
+    "optimal",
     "permute",
     "same_model_budget",
+    "weight_matching",
 )

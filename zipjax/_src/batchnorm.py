@@ -14,13 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from zipjax._src import data as data_lib
+from zipjax._src import multihead
 from zipjax._src import spec as spec_lib
 from zipjax._src.errors import DataError, SpecError, fmt_path
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _batch_stats(spec, variables, x):
-  return spec.batchnorm_stats(variables, x)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_stats(spec, stacked, variables, x):
+  if not stacked:
+    return spec.batchnorm_stats(variables, x)
+  axes = multihead.in_axes(variables, stacked)
+  stats = jax.vmap(spec.batchnorm_stats, in_axes=(axes, None))(variables, x)
+  # vmap stacks every output; a trunk layer's statistics are the same for every head.
+  return {p: (v if p in stacked else v[0]) for p, v in stats.items()}
 
 
 def _batch_size(x: Any) -> int:
@@ -31,15 +37,26 @@ def _batch_size(x: Any) -> int:
 
 
 def reset_batchnorm(spec: spec_lib.Spec, variables: Any, data: Iterable[Any], *,
-                    progress: bool = False) -> dict:
+                    progress: bool = False) -> Any:
   """Returns ``variables`` with every BatchNorm mean/var recomputed over ``data``.
 
-  A model without BatchNorm comes back unchanged. The input is not modified.
+  ``variables`` may also be a MultiHead (a partial zip or an ensemble): its trunk and each of
+  its heads are reset, the trunk computed once per batch. A model without BatchNorm comes
+  back unchanged. The input is not modified.
   """
-  flat = spec_lib.validate(spec, variables)
+  if isinstance(variables, multihead.MultiHead):
+    spec_lib.validate(spec, variables.head(0))
+    new = _reset(spec, spec_lib.flatten(variables.variables), variables.stacked, data,
+                 progress)
+    return variables.replace(variables=new)
+  return _reset(spec, spec_lib.validate(spec, variables), frozenset(), data, progress)
+
+
+def _reset(spec, flat, stacked, data, progress) -> dict:
   stored = {p for p in flat if p[0] == "batch_stats"}
   if not stored:
     return spec_lib.unflatten(flat)
+  variables = spec_lib.unflatten(flat)
   sums: dict = {}
   total = 0
   batches = data_lib.iterate(data, what="BatchNorm reset")
@@ -48,7 +65,7 @@ def reset_batchnorm(spec: spec_lib.Spec, variables: Any, data: Iterable[Any], *,
     batches = tqdm.tqdm(batches, desc="BatchNorm reset", leave=False)
   for x in batches:
     size = _batch_size(x)
-    stats = _batch_stats(spec, variables, x)
+    stats = _batch_stats(spec, stacked, variables, x)
     total += size
     for path, value in stats.items():
       sums[path] = sums.get(path, 0.0) + value * size

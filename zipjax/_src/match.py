@@ -229,5 +229,74 @@ def permute() -> Matcher:
   return matcher
 
 
+def optimal(*, max_width: int = 256) -> Matcher:
+  """Optimal zip matching for two models: the maximum-weight perfect matching of the 2n
+  features into n pairs, within or across models, maximising the total correlation.
+
+  Exact but slow (Edmonds' blossom algorithm, O(n^3) in Python): for small widths and for
+  checking greedy. Widths above ``max_width`` are refused rather than left running for hours.
+  """
+
+  def matcher(corr, *, num_models: int) -> Merge:
+    corr, n = _check_corr(corr, num_models)
+    if num_models != 2:
+      raise ValueError(f"optimal() pairs features, so it merges exactly 2 models; got "
+                       f"{num_models}. Use greedy() for more.")
+    if n > max_width:
+      raise ValueError(f"optimal() on width {n} would take very long (limit max_width="
+                       f"{max_width}); use greedy(), or pass optimal(max_width={n}) to wait.")
+    import networkx as nx  # pylint: disable=g-import-not-at-top
+    graph = nx.Graph()
+    dim = 2 * n
+    rows, cols = np.triu_indices(dim, 1)
+    # Every perfect matching has n edges, so shifting the weights to be positive keeps the
+    # optimum and lets the maximum-cardinality search stay exact.
+    graph.add_weighted_edges_from(zip(rows.tolist(), cols.tolist(),
+                                      (corr[rows, cols] + 2.0).tolist()))
+    pairs = nx.max_weight_matching(graph, maxcardinality=True)
+    if len(pairs) != n:
+      raise RuntimeError("optimal() found no perfect matching; please report this.")
+    return merge_from_groups(sorted(sorted(p) for p in pairs), dim)
+
+  matcher.__name__ = "optimal()"
+  return matcher
+
+
+def kmeans(*, iterations: int = 100, seed: int = 0) -> Matcher:
+  """k-means clustering of the N*n features into n clusters; each feature is described by
+  its row of correlations. k-means++ seeding from ``seed``; an empty cluster is re-seeded
+  with the point farthest from its centre."""
+
+  def matcher(corr, *, num_models: int) -> Merge:
+    corr, n = _check_corr(corr, num_models)
+    points = corr
+    rng = np.random.default_rng(seed)
+    centres = [points[rng.integers(len(points))]]
+    for _ in range(1, n):
+      d2 = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
+      total = d2.sum()
+      idx = rng.choice(len(points), p=d2 / total) if total > 0 else rng.integers(len(points))
+      centres.append(points[idx])
+    centres = np.stack(centres)
+    labels = None
+    for _ in range(iterations):
+      dist = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+      new = dist.argmin(1)
+      for k in range(n):
+        if not (new == k).any():  # empty cluster: take the worst-served point
+          worst = int(dist[np.arange(len(points)), new].argmax())
+          new[worst] = k
+          dist[worst] = 0.0
+      if labels is not None and np.array_equal(new, labels):
+        break
+      labels = new
+      centres = np.stack([points[labels == k].mean(0) for k in range(n)])
+    groups = [np.flatnonzero(labels == k).tolist() for k in range(n)]
+    return merge_from_groups(sorted(groups), corr.shape[0])
+
+  matcher.__name__ = "kmeans()"
+  return matcher
+
+
 def describe(matcher: Callable) -> str:
   return getattr(matcher, "__name__", repr(matcher))

@@ -134,7 +134,9 @@ class Spec:
   """Everything zipjax needs to know about a model to merge copies of it.
 
   Attributes:
-    spaces: the feature spaces, in network order.
+    spaces: the feature spaces in network order: a space is listed after every space whose
+      layers run before its last write (a stage's inner spaces before its residual stream),
+      so the spaces up to a stop point are exactly those a partial zip merges.
     leaves: for every leaf path of the variables, its axes (an empty mapping: untouched).
     stop_points: the spaces a partial zip may stop at, in network order.
     apply: ``apply(variables, x) -> outputs``, the model in inference mode.
@@ -170,6 +172,36 @@ class Spec:
     if unknown_stops:
       raise SpecError(f"Stop points {unknown_stops} are not spaces of spec {self.name!r} "
                       f"(spaces: {names}).")
+    for stop in self.stop_points:
+      self._check_stop_point(stop)
+
+  def trunk_spaces(self, stop_at: str) -> tuple[str, ...]:
+    """The spaces a partial zip at ``stop_at`` merges: those up to it in network order."""
+    if stop_at not in self.stop_points:
+      raise SpecError(f"stop_at={stop_at!r} is not a stop point of {self.name!r}; valid stop "
+                      f"points, in network order: {list(self.stop_points)}.")
+    names = self.space_names
+    return names[:names.index(stop_at) + 1]
+
+  def is_trunk_leaf(self, path: Path, trunk: Sequence[str]) -> bool:
+    """Whether a leaf belongs to the merged trunk: it writes a trunk space."""
+    return any(ax.role != IN and ax.space in trunk for ax in self.leaves[path].values())
+
+  def _check_stop_point(self, stop: str) -> None:
+    names = self.space_names
+    trunk = set(names[:names.index(stop) + 1])
+    for path, axes in self.leaves.items():
+      reads = {ax.space for ax in axes.values() if ax.role == IN}
+      if self.is_trunk_leaf(path, trunk):
+        bad = reads - trunk
+      else:
+        bad = reads & (trunk - {stop})
+      if bad:
+        raise SpecError(
+            f"{stop!r} is not a valid stop point of {self.name!r}: leaf {fmt_path(path)} "
+            f"{'in the trunk reads later' if self.is_trunk_leaf(path, trunk) else 'after it reads earlier'} "
+            f"spaces {sorted(bad)}, so some path of the network bypasses {stop!r}. Stop points "
+            "must be spaces every path passes through, and spaces must be in network order.")
 
   @property
   def space_names(self) -> tuple[str, ...]:
@@ -348,7 +380,9 @@ def check_same_structure(variables_list: Sequence[Variables]) -> list[dict[Path,
       if np.shape(ref[p]) != np.shape(flat[p]):
         raise MismatchError(
             f"Leaf {fmt_path(p)} has shape {np.shape(ref[p])} in model 0 but "
-            f"{np.shape(flat[p])} in model {m}; models of different widths cannot be zipped.")
+            f"{np.shape(flat[p])} in model {m}. Zipped models need the same shapes: models "
+            "of different widths cannot be zipped, and output layers for different numbers "
+            "of classes must be padded to one width (or use CLIP-style heads).")
   return flats
 
 

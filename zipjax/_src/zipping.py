@@ -18,6 +18,7 @@ import numpy as np
 from zipjax._src import batchnorm as bn_lib
 from zipjax._src import data as data_lib
 from zipjax._src import match as match_lib
+from zipjax._src.multihead import MultiHead
 from zipjax._src import spec as spec_lib
 from zipjax._src import stats as stats_lib
 from zipjax._src.errors import MismatchError, SpecError
@@ -32,11 +33,19 @@ def _transform(leaf: jax.Array, axis: int, mats: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, -1, axis + 1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _zip_leaves(spec, stacked: Mapping, blocks: Mapping) -> dict:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zip_leaves(spec, trunk, stacked: Mapping, blocks: Mapping) -> dict:
+  """Zips trunk leaves (all leaves if ``trunk`` is None); head leaves stay per model, with
+  their axes that read a merged space multiplied by U_m."""
   out = {}
   for path, leaf in stacked.items():
     x = leaf.astype(jnp.float32)
+    if trunk is not None and not spec.is_trunk_leaf(path, trunk):
+      for axis, ax in spec.leaf_axes(path, leaf.ndim - 1).items():
+        if ax.role == spec_lib.IN and ax.space in trunk:
+          x = _transform(x, axis, jnp.swapaxes(blocks[ax.space][1], 1, 2))
+      out[path] = x.astype(leaf.dtype)
+      continue
     writes = False
     for axis, ax in spec.leaf_axes(path, leaf.ndim - 1).items():
       ms, us = blocks[ax.space]
@@ -61,13 +70,21 @@ def merge_blocks(merges: Mapping[str, match_lib.Merge]) -> dict[str, tuple[jax.A
 
 
 def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
-                 merges: Mapping[str, match_lib.Merge]) -> dict:
-  """Zips N models' variables with one Merge per space; returns the merged variables."""
-  flats = _check_models(spec, variables_list)
-  missing = [s for s in spec.space_names if s not in merges]
+                 merges: Mapping[str, match_lib.Merge], *,
+                 stop_at: str | None = None) -> dict | MultiHead:
+  """Zips N models' variables with one Merge per space.
+
+  Returns the merged variables (full zip), or with ``stop_at`` a MultiHead: the spaces up to
+  ``stop_at`` merged into one trunk, the rest of every model kept as its head.
+  """
+  flats = check_models(spec, variables_list)
+  needed = spec.space_names if stop_at is None else spec.trunk_spaces(stop_at)
+  missing = [s for s in needed if s not in merges]
   if missing:
-    raise SpecError(f"apply_merges has no merge for spaces {missing}; a full zip needs one for "
-                    f"every space of {spec.name!r}.")
+    raise SpecError(f"apply_merges has no merge for spaces {missing}; "
+                    + ("a full zip needs one for every space" if stop_at is None else
+                       f"a partial zip at {stop_at!r} needs one for every space up to it")
+                    + f" of {spec.name!r}.")
   num = len(flats)
   for name, merge in merges.items():
     width = spec.width(name)
@@ -77,10 +94,16 @@ def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
           f"{num} models of width {width} they must be {(width, num * width)} and "
           f"{(num * width, width)}.")
   stacked = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p in flats[0]}
-  return spec_lib.unflatten(_zip_leaves(spec, stacked, merge_blocks(merges)))
+  trunk = None if stop_at is None else frozenset(needed)
+  blocks = merge_blocks({k: merges[k] for k in needed})
+  zipped = spec_lib.unflatten(_zip_leaves(spec, trunk, stacked, blocks))
+  if stop_at is None:
+    return zipped
+  heads = frozenset(p for p in flats[0] if not spec.is_trunk_leaf(p, trunk))
+  return MultiHead(zipped, spec, heads, stop_at)
 
 
-def _check_models(spec: spec_lib.Spec, variables_list: Sequence[Any]) -> list[dict]:
+def check_models(spec: spec_lib.Spec, variables_list: Sequence[Any]) -> list[dict]:
   if isinstance(variables_list, Mapping) or len(variables_list) < 2:
     raise ValueError("Zipping needs a sequence of at least 2 models' variables, got "
                      f"{type(variables_list).__name__} of length "
@@ -107,8 +130,8 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 
 
 def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterable[Any],
-             matcher: Callable | None = None, reset_bn: bool = True,
-             progress: bool = False) -> dict:
+             matcher: Callable | None = None, stop_at: str | None = None,
+             reset_bn: bool = True, progress: bool = False) -> dict | MultiHead:
   """Merges N >= 2 models of the same architecture into one, without training.
 
   Args:
@@ -116,27 +139,38 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
     spec: the models' zip spec (from ``zipjax.models`` or ``zipjax.spec.linen_spec``).
     data: a re-iterable collection of calibration batches (arrays, (inputs, labels) tuples
       or dicts with an 'image' entry). It is passed over twice.
-    matcher: a per-space matcher; default ``zipjax.match.greedy()``.
+    matcher: a per-space matcher such as ``zipjax.match.greedy()`` (the default), or a
+      whole-model matcher such as ``zipjax.match.weight_matching()``.
+    stop_at: a partial zip: merge the spaces up to this stop point (``spec.stop_points``)
+      and keep the rest of every model as its own head.
     reset_bn: recompute the merged model's BatchNorm statistics over ``data``.
     progress: show tqdm progress bars.
 
   Returns:
-    Variables with the same tree structure, shapes and dtypes as each input.
+    A full zip: variables with the same tree structure, shapes and dtypes as each input. A
+    partial zip: a MultiHead whose ``apply(x)`` gives one output per source model.
   """
-  _check_models(spec, variables_list)
+  check_models(spec, variables_list)
   data_lib.check_reiterable(data)
-  stats = stats_lib.compute_stats(spec, variables_list, data, progress=progress)
-  merges = compute_merges(stats, num_models=len(variables_list), matcher=matcher,
-                          progress=progress)
-  merged = apply_merges(spec, variables_list, merges)
+  spaces = spec.space_names if stop_at is None else spec.trunk_spaces(stop_at)
+  matcher = matcher or match_lib.greedy()
+  if getattr(matcher, "whole_model", False):
+    merges = matcher(spec, variables_list, spaces=spaces)
+  else:
+    stats = stats_lib.compute_stats(spec, variables_list, data, spaces=spaces,
+                                    progress=progress)
+    merges = compute_merges(stats, num_models=len(variables_list), matcher=matcher,
+                            progress=progress)
+  merged = apply_merges(spec, variables_list, merges, stop_at=stop_at)
   if reset_bn:
     merged = bn_lib.reset_batchnorm(spec, merged, data, progress=progress)
   return merged
 
 
 def zip(variables_a: Any, variables_b: Any, spec: spec_lib.Spec, *,  # pylint: disable=redefined-builtin
-        data: Iterable[Any], matcher: Callable | None = None, reset_bn: bool = True,
-        progress: bool = False) -> dict:
-  """Merges two models into one; see :func:`zip_many`."""
+        data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
+        reset_bn: bool = True, progress: bool = False) -> dict | MultiHead:
+  """Merges two models into one (or a two-headed model with ``stop_at``); see
+  :func:`zip_many`."""
   return zip_many([variables_a, variables_b], spec, data=data, matcher=matcher,
-                  reset_bn=reset_bn, progress=progress)
+                  stop_at=stop_at, reset_bn=reset_bn, progress=progress)

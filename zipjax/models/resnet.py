@@ -72,7 +72,6 @@ def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spe
   prev = "stage1"
   for s, w in enumerate(widths, start=1):
     stream = f"stage{s}"
-    spaces.append(S.Space(stream, w))
     for b in range(3):
       blk = inner = f"stage{s}_block{b}"
       spaces.append(S.Space(inner, w))
@@ -84,6 +83,7 @@ def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spe
         leaves.update(S.conv(f"{blk}/shortcut_conv", prev, stream, bias=False))
         leaves.update(S.batchnorm(f"{blk}/shortcut_bn", stream))
       prev = stream
+    spaces.append(S.Space(stream, w))  # network order: after the stage's inner spaces
   leaves.update(S.dense("head", prev, None))
   return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
                               stop_points=[f"stage{s}" for s in (1, 2, 3)],
@@ -152,7 +152,6 @@ def resnet50(width: float = 1.0, num_outputs: int = 1000) -> tuple[ResNet50, S.S
   prev = "stem"
   for s, (p, n) in enumerate(zip(planes, _RESNET50_BLOCKS), start=1):
     stream = f"stage{s}"
-    spaces.append(S.Space(stream, 4 * p))
     for b in range(n):
       blk = f"stage{s}_block{b}"
       a, c = blk + "_a", blk + "_b"
@@ -167,6 +166,7 @@ def resnet50(width: float = 1.0, num_outputs: int = 1000) -> tuple[ResNet50, S.S
         leaves.update(S.conv(f"{blk}/shortcut_conv", prev, stream, bias=False))
         leaves.update(S.batchnorm(f"{blk}/shortcut_bn", stream))
       prev = stream
+    spaces.append(S.Space(stream, 4 * p))  # network order: after the stage's inner spaces
   leaves.update(S.dense("head", prev, None))
   return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
                               stop_points=["stem"] + [f"stage{s}" for s in (1, 2, 3, 4)],
