@@ -1,0 +1,172 @@
+"""Training: the recipe's schedule and losses, and exact resumption from checkpoints."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import checkpoint as ckpt_lib
+from experiments import data as data_lib
+from experiments import train as train_lib
+
+CLASSES = (1, 3, 5, 7)
+
+
+class TinyCNN(nn.Module):
+  """Conv + BatchNorm + ReLU, then a linear head on the flattened features: params and
+  batch_stats, fast to compile."""
+
+  features: int = 4
+  num_outputs: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.features, (3, 3), name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+    x = nn.relu(x).reshape(x.shape[0], -1)
+    return nn.Dense(self.num_outputs, name="head")(x)
+
+
+@pytest.fixture(scope="module")
+def digits() -> data_lib.Dataset:
+  train, _ = data_lib.load_digits()
+  return train.subset(CLASSES).limit_per_class(60)
+
+
+CONFIG = train_lib.TrainConfig(epochs=2, batch_size=40, learning_rate=0.05, warmup_epochs=0.5,
+                               seed=3)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _crash_at(monkeypatch, crash_epoch: int):
+  """Makes the data pipeline raise when ``crash_epoch`` starts: a run killed mid-training."""
+  real = data_lib.train_batches
+
+  def batches(ds, batch_size, *, seed, epoch, augmentation=True):
+    if epoch == crash_epoch:
+      raise KeyboardInterrupt(f"simulated crash at epoch {epoch}")
+    return real(ds, batch_size, seed=seed, epoch=epoch, augmentation=augmentation)
+
+  monkeypatch.setattr(train_lib.data_lib, "train_batches", batches)
+
+
+def test_resumed_run_is_bit_identical(digits, tmp_path, monkeypatch):
+  model = TinyCNN()
+  straight = train_lib.train(model, digits, CLASSES, CONFIG, progress=False)
+
+  ckdir = tmp_path / "run"
+  with monkeypatch.context() as m:
+    _crash_at(m, crash_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+      train_lib.train(model, digits, CLASSES, CONFIG, progress=False, checkpoint_dir=ckdir)
+  with ckpt_lib.TrainCheckpointer(ckdir) as c:
+    assert c.latest_epoch() == 1
+  resumed = train_lib.train(model, digits, CLASSES, CONFIG, progress=False,
+                            checkpoint_dir=ckdir)
+  with ckpt_lib.TrainCheckpointer(ckdir) as c:
+    assert c.latest_epoch() == 2
+  assert set(resumed) == {"params", "batch_stats"}
+  _assert_trees_equal(resumed, straight)
+
+  # A finished run is restored without touching the data again.
+  _crash_at(monkeypatch, crash_epoch=0)
+  again = train_lib.train(model, digits, CLASSES, CONFIG, progress=False, checkpoint_dir=ckdir)
+  _assert_trees_equal(again, straight)
+
+
+def test_resume_refuses_another_run(digits, tmp_path):
+  ckdir = tmp_path / "run"
+  config = dataclasses.replace(CONFIG, epochs=1)
+  train_lib.train(TinyCNN(), digits, CLASSES, config, progress=False, checkpoint_dir=ckdir)
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    train_lib.train(TinyCNN(), digits, CLASSES, dataclasses.replace(config, learning_rate=0.2),
+                    progress=False, checkpoint_dir=ckdir)
+  assert "belongs to another run" in str(info.value)
+  assert "'learning_rate': 0.05" in str(info.value) and "'learning_rate': 0.2" in str(info.value)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"classes: saved \[1, 3, 5, 7\], now "):
+    train_lib.train(TinyCNN(num_outputs=2), digits, (1, 3), config, progress=False,
+                    checkpoint_dir=ckdir)
+
+
+def test_resume_refuses_another_architecture(digits, tmp_path):
+  ckdir = tmp_path / "run"
+  config = dataclasses.replace(CONFIG, epochs=1)
+  train_lib.train(TinyCNN(), digits, CLASSES, config, progress=False, checkpoint_dir=ckdir)
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    train_lib.train(TinyCNN(features=6), digits, CLASSES, config, progress=False,
+                    checkpoint_dir=ckdir)
+  message = str(info.value)
+  assert "params/conv/kernel: saved float32[3, 3, 1, 4], expected float32[3, 3, 1, 6]" in message
+  assert "batch_stats/bn/mean: saved float32[4], expected float32[6]" in message
+
+
+def test_training_learns_the_task(digits):
+  # No augmentation: crops shifted by up to 4 pixels and flips destroy 8x8 digits.
+  config = dataclasses.replace(CONFIG, epochs=6, learning_rate=0.1, augmentation=False)
+  variables = train_lib.train(TinyCNN(features=8), digits, CLASSES, config, progress=False)
+  outputs, y = train_lib.predict(TinyCNN(features=8).apply, variables,
+                                 data_lib.EvalBatches(digits, 100))
+  accuracy = (outputs.argmax(-1) == train_lib.local_labels(y, CLASSES)).mean()
+  assert accuracy > 0.9  # chance: 0.25
+
+
+def test_clip_head_trains_against_class_embeddings(digits):
+  emb = data_lib.random_class_embeddings(len(CLASSES), 16, seed=0)
+  variables = train_lib.train(TinyCNN(num_outputs=16), digits, CLASSES,
+                              dataclasses.replace(CONFIG, epochs=1), class_embeddings=emb,
+                              progress=False)
+  assert variables["params"]["head"]["kernel"].shape == (8 * 8 * 4, 16)
+  logits = train_lib.class_logits(jnp.ones((2, 16)), jnp.asarray(emb), 20.0)
+  assert logits.shape == (2, len(CLASSES))
+  assert float(jnp.abs(logits).max()) <= 20.0 + 1e-4
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_warms_up_then_decays_to_zero(kind):
+  config = train_lib.TrainConfig(epochs=10, learning_rate=0.4, warmup_epochs=2, schedule=kind)
+  sched = train_lib.schedule(config, steps_per_epoch=10)
+  lrs = np.array([float(sched(i)) for i in range(101)])
+  assert lrs[0] == 0.0
+  assert lrs[20] == pytest.approx(0.4)
+  assert np.all(np.diff(lrs[:21]) > 0) and np.all(np.diff(lrs[20:]) <= 1e-7)
+  assert lrs[100] == pytest.approx(0.0, abs=1e-6)
+  if kind == "linear":
+    assert lrs[60] == pytest.approx(0.2)
+
+
+def test_label_smoothing_changes_the_loss_as_optax_does():
+  model = TinyCNN()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 1)), jnp.float32)
+  y = jnp.arange(8) % 4
+  variables = model.init(jax.random.key(0), x)
+  tx = optax.sgd(0.0)
+  losses = {}
+  for smoothing in (0.0, 0.1):
+    step = train_lib.make_train_step(model, tx, None, 20.0, label_smoothing=smoothing)
+    *_, loss = step(variables["params"], variables["batch_stats"],
+                    tx.init(variables["params"]), x, y)
+    losses[smoothing] = float(loss)
+  logits = model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  want = optax.softmax_cross_entropy(
+      logits, optax.smooth_labels(jax.nn.one_hot(y, 4), 0.1)).mean()
+  assert losses[0.1] == pytest.approx(float(want), rel=1e-5)
+  assert losses[0.1] != losses[0.0]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("schedule", "step", "schedule must be one of"),
+    ("label_smoothing", 1.0, "label_smoothing"),
+    ("epochs", 0, "epochs >= 1"),
+])
+def test_train_config_rejects_bad_values(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train_lib.TrainConfig(**{field: value})
