@@ -1,0 +1,7 @@
+"""``python -m experiments``: the embedded default experiment (no download); see run.py."""
+
+import sys
+
+from experiments import run
+
+sys.exit(run.main())

@@ -1,0 +1,239 @@
+"""Merging source models with every method, evaluating them, and the paper's tables and plots.
+
+``evaluate_methods`` turns N trained source models into one row per method (per-task and
+joint accuracy, FLOPs per image, merge time); ``summarise`` averages rows over model pairs
+into the layout of the paper's Table 1 (mean ± std); ``write_table`` and ``plot_partial``
+write what a person reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+import zipjax
+from zipjax import match
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A way to get a model from the sources.
+
+  kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher`` and
+  ``stop_at``) or 'ensemble'.
+  """
+
+  name: str
+  kind: str
+  matcher: Callable | None = None
+  stop_at: str | None = None
+  index: int = 0
+
+
+def default_methods(spec: zipjax.Spec, num_models: int = 2, *,
+                    stops: Sequence[str] | None = None,
+                    alpha: float = 0.5, beta: float = 0.5) -> list[Method]:
+  """The rows of the paper's Table 1: each source, W.Avg, Git Re-Basin (2 models), Permute,
+  ZipIt! full, ZipIt! partial at each stop (default: every stop point but the last), and the
+  ensemble."""
+  names = "ABCDEFGH"
+  methods = [Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
+  methods.append(Method("W.Avg", "merge", match.identity()))
+  if num_models == 2:
+    methods.append(Method("Git Re-Basin", "merge", match.weight_matching()))
+  methods.append(Method("Permute", "merge", match.permute()))
+  zipit = match.greedy(alpha=alpha, beta=beta)
+  methods.append(Method("ZipIt! (full)", "merge", zipit))
+  for stop in (spec.stop_points[:-1] if stops is None else stops):
+    methods.append(Method(f"ZipIt! (partial, {stop})", "merge", zipit, stop_at=stop))
+  methods.append(Method("Ensemble", "ensemble"))
+  return methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  method: str
+  pair: int
+  joint: float
+  per_task: tuple[float, ...]
+  gflops: float  # per image
+  seconds: float  # to build the model (merge + BatchNorm reset; the first merge compiles)
+
+  @property
+  def task_avg(self) -> float:
+    return float(np.mean(self.per_task))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(spec, variables, x):
+  return spec.apply(variables, x)
+
+
+def _predict(model: Any, spec: zipjax.Spec, batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
+  outs, labels = [], []
+  for x, y in batches:
+    out = model.apply(x) if isinstance(model, zipjax.MultiHead) else _apply(spec, model, x)
+    outs.append(np.asarray(out))
+    labels.append(np.asarray(y))
+  axis = 1 if isinstance(model, zipjax.MultiHead) else 0
+  return np.concatenate(outs, axis=axis), np.concatenate(labels)
+
+
+def _gflops_per_image(model: Any, spec: zipjax.Spec, x: np.ndarray) -> float:
+  if isinstance(model, zipjax.MultiHead):
+    total = zipjax.metrics.flops(lambda v, x: model.replace(variables=v).apply(x),
+                                 model.variables, x)
+  else:
+    total = zipjax.metrics.flops(spec.apply, model, x)
+  return total / x.shape[0] / 1e9
+
+
+def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequence[Sequence[int]],
+                     calibration: Sequence[Any], test: Iterable, methods: Sequence[Method],
+                     class_embeddings: np.ndarray | None = None, logit_scale: float = 1.0,
+                     pair: int = 0, progress: bool = True) -> list[Row]:
+  """One Row per method for N source models.
+
+  The sources' BatchNorm statistics are reset on the calibration data first, as for every
+  merged model, so that all rows are measured alike.
+  """
+  sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
+  probe = next(iter(test))[0]
+  rows = []
+  it = methods
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    it = tqdm.tqdm(methods, desc=f"methods (pair {pair})", leave=False)
+  for method in it:
+    start = time.perf_counter()
+    if method.kind == "source":
+      model = sources[method.index]
+    elif method.kind == "ensemble":
+      model = zipjax.ensemble(sources, spec)
+    elif method.kind == "merge":
+      model = zipjax.zip_many(sources, spec, data=calibration, matcher=method.matcher,
+                              stop_at=method.stop_at)
+    else:
+      raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")
+    jax.block_until_ready(model)
+    seconds = time.perf_counter() - start
+    outputs, labels = _predict(model, spec, test)
+    acc = zipjax.metrics.accuracy(outputs, labels, tasks, class_embeddings=class_embeddings,
+                                  logit_scale=logit_scale)
+    rows.append(Row(method.name, pair, acc.joint, acc.per_task,
+                    _gflops_per_image(model, spec, probe), seconds))
+  return rows
+
+
+def summarise(rows: Sequence[Row]) -> list[dict[str, Any]]:
+  """Mean and std over pairs, per method, in first-seen order (the paper's Table 1)."""
+  order = list(dict.fromkeys(r.method for r in rows))
+  out = []
+  for name in order:
+    rs = [r for r in rows if r.method == name]
+    per_task = np.array([r.per_task for r in rs]) * 100
+    entry = {"method": name, "pairs": len(rs), "gflops": float(np.mean([r.gflops for r in rs])),
+             "joint": _ms([r.joint * 100 for r in rs])}
+    for t in range(per_task.shape[1]):
+      entry[f"task{'ABCDEFGH'[t]}"] = _ms(per_task[:, t])
+    entry["avg"] = _ms(per_task.mean(1))
+    entry["seconds"] = float(np.mean([r.seconds for r in rs]))
+    out.append(entry)
+  return out
+
+
+def _ms(values) -> tuple[float, float]:
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
+
+
+def _fmt(value) -> str:
+  if isinstance(value, tuple):
+    return f"{value[0]:.1f} ± {value[1]:.1f}"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+  keys = [k for k in summary[0] if k != "pairs"]
+  header = {"method": "Method", "gflops": "GFLOPs/img", "joint": "Joint", "avg": "Avg",
+            "seconds": "Build s"}
+  names = [header.get(k, k.replace("task", "Task ")) for k in keys]
+  lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(keys)]
+  for entry in summary:
+    lines.append("| " + " | ".join(_fmt(entry[k]) for k in keys) + " |")
+  return "\n".join(lines)
+
+
+def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> str:
+  """Writes every row (CSV), the mean ± std table (CSV and Markdown); returns the Markdown."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}_rows.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    tasks = len(rows[0].per_task)
+    w.writerow(["method", "pair", "joint", *[f"task{t}" for t in range(tasks)], "avg",
+                "gflops", "seconds"])
+    for r in rows:
+      w.writerow([r.method, r.pair, f"{r.joint:.5f}", *[f"{a:.5f}" for a in r.per_task],
+                  f"{r.task_avg:.5f}", f"{r.gflops:.6g}", f"{r.seconds:.3f}"])
+  summary = summarise(rows)
+  with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    keys = list(summary[0])
+    w.writerow(keys)
+    for entry in summary:
+      w.writerow([(f"{entry[k][0]:.2f} ± {entry[k][1]:.2f}" if isinstance(entry[k], tuple)
+                   else entry[k]) for k in keys])
+  md = markdown_table(summary)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(md + "\n")
+  return md
+
+
+def plot_partial(rows: Sequence[Row], spec: zipjax.Spec, path: str, *,
+                 title: str = "") -> None:
+  """Accuracy against how much of the network is zipped (the paper's Fig. 7), with the
+  ensemble and the sources' average for reference; FLOPs on a second axis."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  summary = {e["method"]: e for e in summarise(rows)}
+  stops = [s for s in spec.stop_points if f"ZipIt! (partial, {s})" in summary]
+  labels = stops + (["full"] if "ZipIt! (full)" in summary else [])
+  keys = [f"ZipIt! (partial, {s})" for s in stops] + (
+      ["ZipIt! (full)"] if "ZipIt! (full)" in summary else [])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  xs = np.arange(len(keys))
+  for metric, style in (("joint", "o-"), ("avg", "s--")):
+    mean = np.array([summary[k][metric][0] for k in keys])
+    std = np.array([summary[k][metric][1] for k in keys])
+    ax.errorbar(xs, mean, yerr=std, fmt=style, capsize=3, label=f"ZipIt! {metric}")
+  if "Ensemble" in summary:
+    ax.axhline(summary["Ensemble"]["joint"][0], color="tab:blue", ls=":", alpha=0.7,
+               label="Ensemble joint")
+    ax.axhline(summary["Ensemble"]["avg"][0], color="tab:orange", ls=":", alpha=0.7,
+               label="Ensemble avg")
+  ax.set_xticks(xs, [f"up to {l}" if l != "full" else "full zip" for l in labels],
+                rotation=20)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_xlabel("zipped up to")
+  ax2 = ax.twinx()
+  ax2.plot(xs, [summary[k]["gflops"] for k in keys], color="gray", ls="--", marker="x",
+           alpha=0.6, label="GFLOPs / image")
+  ax2.set_ylabel("GFLOPs / image", color="gray")
+  handles = ax.get_legend_handles_labels()
+  handles2 = ax2.get_legend_handles_labels()
+  ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=8, loc="lower left")
+  ax.set_title(title or "Partial zipping")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
