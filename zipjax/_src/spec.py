@@ -386,10 +386,17 @@ def check_same_structure(variables_list: Sequence[Variables]) -> list[dict[Path,
   return flats
 
 
+@jax.jit
+def _all_finite(flat: Mapping[Path, Any]) -> dict[Path, jax.Array]:
+  return {p: jnp.all(jnp.isfinite(leaf)) for p, leaf in flat.items()}
+
+
 def check_finite(flat: Mapping[Path, Any], *, label: str) -> None:
-  """Raises if any leaf holds NaN or infinity."""
-  bad = [fmt_path(p) for p, leaf in flat.items()
-         if not bool(jnp.all(jnp.isfinite(jnp.asarray(leaf))))]
+  """Raises if any leaf holds NaN or infinity (one jitted reduction over all leaves)."""
+  floats = {p: leaf for p, leaf in flat.items() if jnp.issubdtype(jnp.result_type(leaf),
+                                                                   jnp.inexact)}
+  finite = jax.device_get(_all_finite(floats))
+  bad = sorted(fmt_path(p) for p, ok in finite.items() if not ok)
   if bad:
     raise MismatchError(f"{label} has non-finite values in {bad[:12]}; zipping them would "
                         "spread NaN through the merged model. Fix the checkpoint first.")
