@@ -62,8 +62,10 @@ def test_config_is_well_formed(name, arg):
     assert all(0 <= t < config.num_tasks for t in group)
   # Heads: CLIP outputs match the text embeddings; CE heads hold every class of a task.
   if config.head == "clip":
-    assert config.model.num_outputs == C.CLIP_DIM
-    assert all(d.class_embeddings for d in config.datasets)
+    if all(d.class_embeddings for d in config.datasets):  # CLIP text embeddings
+      assert config.model.num_outputs == C.CLIP_DIM
+    else:  # fixed random orthonormal class embeddings
+      assert config.model.num_outputs >= sum(len(t) for t in tasks)
   else:
     assert config.model.num_outputs >= max(len(t) for t in tasks)
   assert set(config.merge.methods) <= set(C.METHODS)

@@ -1007,22 +1007,13 @@ class _Analysis:
 
 
 def _splits_leaves(spaces: Sequence[_SpaceInfo], stop: _SpaceInfo) -> bool:
-  """Whether a partial zip at ``stop`` splits the leaves cleanly: a leaf that writes a space
-  up to ``stop`` (the merged trunk) reads only trunk spaces, and any other leaf reads no trunk
-  space but ``stop`` (an unmerged layer inside the trunk has no place in a multi-head model)."""
+  """Whether a partial zip at ``stop`` splits the leaves cleanly (``spec.bypassing_leaf``)."""
   index = {id(s): i for i, s in enumerate(spaces)}
-  cut = index[id(stop)]
-  writes, reads = collections.defaultdict(set), collections.defaultdict(set)
+  leaf_spaces = collections.defaultdict(list)
   for s in spaces:
     for (k, _), role in s.leaf_axes.items():
-      (reads if role == spec_lib.IN else writes)[k].add(index[id(s)])
-  for k in set(writes) | set(reads):
-    if any(i <= cut for i in writes[k]):
-      if any(i > cut for i in reads[k]):
-        return False
-    elif any(i < cut for i in reads[k]):
-      return False
-  return True
+      leaf_spaces[k].append((index[id(s)], role))
+  return spec_lib.bypassing_leaf(leaf_spaces, index[id(stop)]) is None
 
 
 def _module_name(path: Path) -> str:

@@ -129,6 +129,28 @@ def layernorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
 # ----------------------------------------------------------------------------------------------
 
 
+def bypassing_leaf(leaf_spaces: Mapping[Any, Iterable[tuple[int, str]]],
+                   stop: int) -> tuple[Any, list[int]] | None:
+  """The rule that makes a space a valid stop point, on spaces numbered in network order.
+
+  ``leaf_spaces`` maps each leaf to the (space index, role) of its axes. A partial zip at
+  space ``stop`` splits the leaves cleanly if every leaf that writes a space up to ``stop``
+  (the merged trunk) reads only trunk spaces, and every other leaf reads no trunk space but
+  ``stop``. Returns the first leaf that breaks the rule and the spaces it reads across the
+  stop, or None.
+  """
+  for leaf, entries in leaf_spaces.items():
+    entries = list(entries)
+    reads = [i for i, role in entries if role == IN]
+    if any(i <= stop for i, role in entries if role != IN):
+      bad = [i for i in reads if i > stop]
+    else:
+      bad = [i for i in reads if i < stop]
+    if bad:
+      return leaf, bad
+  return None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Spec:
   """Everything zipjax needs to know about a model to merge copies of it.
@@ -189,19 +211,16 @@ class Spec:
 
   def _check_stop_point(self, stop: str) -> None:
     names = self.space_names
-    trunk = set(names[:names.index(stop) + 1])
-    for path, axes in self.leaves.items():
-      reads = {ax.space for ax in axes.values() if ax.role == IN}
-      if self.is_trunk_leaf(path, trunk):
-        bad = reads - trunk
-      else:
-        bad = reads & (trunk - {stop})
-      if bad:
-        raise SpecError(
-            f"{stop!r} is not a valid stop point of {self.name!r}: leaf {fmt_path(path)} "
-            f"{'in the trunk reads later' if self.is_trunk_leaf(path, trunk) else 'after it reads earlier'} "
-            f"spaces {sorted(bad)}, so some path of the network bypasses {stop!r}. Stop points "
-            "must be spaces every path passes through, and spaces must be in network order.")
+    index = {n: i for i, n in enumerate(names)}
+    found = bypassing_leaf({p: [(index[ax.space], ax.role) for ax in axes.values()]
+                            for p, axes in self.leaves.items()}, index[stop])
+    if found:
+      path, bad = found
+      raise SpecError(
+          f"{stop!r} is not a valid stop point of {self.name!r}: leaf {fmt_path(path)} reads "
+          f"spaces {[names[i] for i in bad]} across it, so some path of the network bypasses "
+          f"{stop!r}. Stop points must be spaces every path passes through, and spaces must be "
+          "in network order.")
 
   @property
   def space_names(self) -> tuple[str, ...]:
