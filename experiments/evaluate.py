@@ -86,6 +86,14 @@ def _predict(model: Any, spec: zipjax.Spec, batches: Iterable) -> tuple[np.ndarr
   return np.concatenate(outs, axis=axis), np.concatenate(labels)
 
 
+def _flops_key(model: Any) -> tuple:
+  """Models with equal keys have equal FLOPs: every single model of one architecture, and
+  multi-head models with the same head leaves."""
+  if isinstance(model, zipjax.MultiHead):
+    return ("multi", model.stacked, model.num_heads)
+  return ("single",)
+
+
 def _gflops_per_image(model: Any, spec: zipjax.Spec, x: np.ndarray) -> float:
   if isinstance(model, zipjax.MultiHead):
     total = zipjax.metrics.flops(lambda v, x: model.replace(variables=v).apply(x),
@@ -106,6 +114,7 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
   """
   sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
   probe = next(iter(test))[0]
+  gflops: dict[tuple, float] = {}  # one cost analysis per model shape, not per method
   rows = []
   it = methods
   if progress:
@@ -127,8 +136,10 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
     outputs, labels = _predict(model, spec, test)
     acc = zipjax.metrics.accuracy(outputs, labels, tasks, class_embeddings=class_embeddings,
                                   logit_scale=logit_scale)
-    rows.append(Row(method.name, pair, acc.joint, acc.per_task,
-                    _gflops_per_image(model, spec, probe), seconds))
+    key = _flops_key(model)
+    if key not in gflops:
+      gflops[key] = _gflops_per_image(model, spec, probe)
+    rows.append(Row(method.name, pair, acc.joint, acc.per_task, gflops[key], seconds))
   return rows
 
 

@@ -14,7 +14,8 @@ def _rel_diff(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.fixture(scope="module", params=["mlp", "vgg11", "resnet20", "resnet50"])
+# ResNet-50 is covered by the full-zip tests; its partial zips cost minutes of compilation.
+@pytest.fixture(scope="module", params=["mlp", "vgg11", "resnet20"])
 def case(request):
   spec, (va, vb), data = zoo.make(request.param)
   return (spec, zipjax.reset_batchnorm(spec, va, data), zipjax.reset_batchnorm(spec, vb, data),
