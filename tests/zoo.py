@@ -1,4 +1,10 @@
-"""Small instances of every zoo model, shared by the tests."""
+"""Small instances of every zoo model, shared by the tests.
+
+``make`` is cached: every test module gets the same spec object for a model, so the jitted
+passes (cached per spec) compile once per session. Callers must not mutate what it returns.
+"""
+
+import functools
 
 import jax
 
@@ -14,12 +20,14 @@ ZOO = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def make(name, *, num_models=2, batch=16, num_batches=2, seed=0):
-  """(spec, [variables...], calibration batches) for one zoo model."""
+  """(spec, (variables, ...), calibration batches) for one zoo model."""
   factory, shape = ZOO[name]
   model, spec = factory()
   key = jax.random.key(seed)
   x = jax.random.normal(key, (batch * num_batches,) + shape)
-  variables = [model.init(jax.random.fold_in(key, m + 1), x[:2]) for m in range(num_models)]
+  variables = tuple(model.init(jax.random.fold_in(key, m + 1), x[:2])
+                    for m in range(num_models))
   data = [x[i * batch:(i + 1) * batch] for i in range(num_batches)]
   return spec, variables, data
