@@ -1,0 +1,21 @@
+"""Benchmarks of zipjax, each against a baseline run in the same process.
+
+``python -m experiments.benchmarks [--quick] [--only NAME] [--out DIR]`` runs them, prints a
+Markdown table and writes ``results.json`` and ``results.md`` (default: runs/benchmarks).
+
+- ``greedy``: greedy matching vs the plain loop of the paper's algorithm, with the growth
+  exponent of its time in the width.
+- ``stats``: feature statistics vs plain forward passes.
+- ``apply_merges``: applying merges vs a jitted copy of the same trees.
+- ``batchnorm``: BatchNorm reset vs train-mode forward passes.
+- ``zip_stages``: ``zipjax.zip`` stage by stage vs forward passes.
+- ``zip_memory``: peak memory of ``zipjax.zip`` vs the bytes of the models and statistics.
+"""
+
+from experiments.benchmarks.suite import BENCHMARKS
+from experiments.benchmarks.suite import main
+from experiments.benchmarks.suite import run_suite
+from experiments.benchmarks.suite import to_markdown
+from experiments.benchmarks.suite import write
+
+__all__ = ("BENCHMARKS", "main", "run_suite", "to_markdown", "write")

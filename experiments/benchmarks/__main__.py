@@ -1,0 +1,7 @@
+"""``python -m experiments.benchmarks``: runs the benchmark suite; see suite.py."""
+
+import sys
+
+from experiments.benchmarks import suite
+
+sys.exit(suite.main())

@@ -1,0 +1,77 @@
+"""Feature statistics: ``zipjax.compute_stats`` against plain forward passes.
+
+Two ResNet-20s with random weights, random images. The baseline is what any pass over the
+data costs: each model's jitted ``spec.apply`` on every batch. Statistics add the capture of
+every space and an (N n)^2 second moment per space on top of those forward passes, so the
+ratio says how much the statistics cost beyond running the models. Compilation is excluded
+(one warm-up call of each first); the median of the repeats is reported.
+
+Target: ratio <= 1.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+import zipjax
+from experiments.benchmarks import common
+
+NAME = "stats"
+TITLE = "Feature statistics vs plain forward passes"
+BASELINE = "jitted spec.apply of both models"
+TARGET = common.Target("<=", 1.3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  arch: str
+  width: float
+  num_batches: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  cases: tuple[Case, ...]
+  image_size: int
+  repeats: int
+  budget_s: float
+
+
+SETTINGS = {
+    "smoke": Settings(cases=(Case("mlp", 16, 1, 8),), image_size=16, repeats=1,
+                      budget_s=1.0),
+    "quick": Settings(cases=(Case("resnet20", 1, 2, 32),), image_size=32, repeats=3,
+                      budget_s=10.0),
+    "full": Settings(cases=(Case("resnet20", 1, 4, 128), Case("resnet20", 2, 2, 128),
+                            Case("resnet20", 4, 1, 128)),
+                     image_size=32, repeats=3, budget_s=60.0),
+}
+
+
+def _measure(case: Case, s: Settings) -> common.Row:
+  _, spec, variables = common.shared_models(case.arch, case.width, s.image_size)
+  batches = common.random_images(case.num_batches, case.batch_size, s.image_size)
+  forward = jax.jit(spec.apply)
+  fns = {
+      "baseline": lambda: [forward(v, x) for x in batches for v in variables],
+      "stats": lambda: zipjax.compute_stats(spec, variables, batches),
+  }
+  timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
+  label = (f"{common.model_label(case.arch, case.width)}, {case.num_batches}x"
+           f"{case.batch_size} images {s.image_size}x{s.image_size}")
+  return common.Row(
+      NAME, label, timing["stats"].median, BASELINE, timing["baseline"].median, target=TARGET,
+      notes=f"{len(spec.spaces)} spaces, median of {len(timing['stats'].times)}",
+      data={"arch": case.arch, "width": case.width, "num_batches": case.num_batches,
+            "batch_size": case.batch_size, "image_size": s.image_size,
+            "spaces": {sp.name: sp.width for sp in spec.spaces},
+            "stats": timing["stats"].to_json(), "baseline": timing["baseline"].to_json()})
+
+
+def run(scale: str, *, progress: bool = False) -> common.Result:
+  s = SETTINGS[scale]
+  return common.Result([_measure(case, s) for case in
+                        common.progress_bar(s.cases, desc="stats", enabled=progress)])
