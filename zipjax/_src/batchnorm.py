@@ -3,6 +3,10 @@
 Every BatchNorm layer normalises with the statistics of the current batch during the pass (as
 in training), and the stored mean and variance become the cumulative average of the batch
 statistics over the pass, weighted by batch size (not an exponential moving average).
+
+With several devices (all local ones by default, or a ``mesh``), every batch is split over the
+devices along its batch axis and XLA all-reduces the batch statistics, so a layer normalises
+with the statistics of the whole batch, as on one device (see ``zipjax._src.sharding``).
 """
 
 from __future__ import annotations
@@ -12,74 +16,118 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from zipjax._src import data as data_lib
 from zipjax._src import multihead
+from zipjax._src import sharding as sharding_lib
 from zipjax._src import spec as spec_lib
 from zipjax._src.errors import DataError, SpecError, fmt_path
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _batch_stats(spec, stacked, variables, x):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _accumulate(spec, stacked, out_sharding, sums, variables, x, size):
+  """``sums`` plus ``size`` times the BatchNorm statistics of batch ``x``.
+
+  The running sums go through every step, so the steps run one after the other: on a CPU
+  mesh, two steps in flight at once could each hold some devices' threads in an all-reduce
+  that waits for the others.
+  """
+  stats = _batch_stats(spec, stacked, variables, x, per_head=out_sharding is not None)
+  missing = sorted(fmt_path(p) for p in sums if p not in stats)
+  unknown = sorted(fmt_path(p) for p in stats if p not in sums)
+  if missing or unknown:
+    raise SpecError(
+        "BatchNorm reset found batch statistics that do not line up with the variables.\n"
+        f"  stored but computed by no nn.BatchNorm call: {missing}\n"
+        f"  computed but not stored: {unknown}")
+  new = {p: s + stats[p].astype(jnp.float32) * size for p, s in sums.items()}
+  if out_sharding is not None:
+    new = jax.lax.with_sharding_constraint(new, out_sharding)
+  return new
+
+
+def _batch_stats(spec, stacked, variables, x, *, per_head: bool) -> dict:
+  """{batch_stats path: mean or var} of batch ``x`` (traced inside ``_accumulate``)."""
   if not stacked:
-    return spec.batchnorm_stats(variables, x)
-  axes = multihead.in_axes(variables, stacked)
-  stats = jax.vmap(spec.batchnorm_stats, in_axes=(axes, None))(variables, x)
-  # vmap stacks every output; a trunk layer's statistics are the same for every head.
-  return {p: (v if p in stacked else v[0]) for p, v in stats.items()}
-
-
-def _batch_size(x: Any) -> int:
-  leaves = jax.tree_util.tree_leaves(x)
-  if not leaves or not getattr(leaves[0], "shape", ()):
-    raise DataError("A calibration batch has no leading batch axis.")
-  return int(leaves[0].shape[0])
+    stats = spec.batchnorm_stats(variables, x)
+  elif not per_head:
+    axes = multihead.in_axes(variables, stacked)
+    stats = jax.vmap(spec.batchnorm_stats, in_axes=(axes, None))(variables, x)
+    # vmap stacks every output; a trunk layer's statistics are the same for every head.
+    stats = {p: (v if p in stacked else v[0]) for p, v in stats.items()}
+  else:
+    # On a mesh, one pass per head: XLA's SPMD partitioner gathers the whole batch onto every
+    # device for the grouped convolutions vmap makes of the heads (openxla/xla#47945). Each
+    # pass recomputes the trunk, but on 1/devices of the batch.
+    flat = spec_lib.flatten(variables)
+    num = next(v.shape[0] for p, v in flat.items() if p in stacked)
+    heads = [spec.batchnorm_stats(spec_lib.unflatten(
+        {p: (v[m] if p in stacked else v) for p, v in flat.items()}), x) for m in range(num)]
+    stats = {p: (jnp.stack([s[p] for s in heads]) if p in stacked else v)
+             for p, v in heads[0].items()}
+  return stats
 
 
 def reset_batchnorm(spec: spec_lib.Spec, variables: Any, data: Iterable[Any], *,
-                    progress: bool = False) -> Any:
+                    progress: bool = False, mesh: Mesh | None = None) -> Any:
   """Returns ``variables`` with every BatchNorm mean/var recomputed over ``data``.
 
   ``variables`` may also be a MultiHead (a partial zip or an ensemble): its trunk and each of
-  its heads are reset, the trunk computed once per batch. A model without BatchNorm comes
-  back unchanged. The input is not modified.
+  its heads are reset, the trunk computed once per batch (on a mesh, once per head). A model
+  without BatchNorm comes back unchanged. The input is not modified.
+
+  Data-parallel over ``mesh`` (default: all local devices; one device takes the plain
+  single-device path): every batch is sharded along its batch axis over the mesh's "data"
+  axis, the variables replicated, and XLA all-reduces the batch statistics, so each layer
+  normalises with the statistics of the whole batch. A batch whose size is not a multiple of
+  the number of devices is placed replicated instead (each device computes all of it; padding
+  would change its statistics). On several hosts, pass a mesh over every process's devices and
+  batches made with ``jax.make_array_from_process_local_data``. The new statistics come back
+  on one device, or where the stored ones were if the caller committed those to devices.
   """
+  mesh = sharding_lib.resolve_mesh(mesh)
   if isinstance(variables, multihead.MultiHead):
     spec_lib.validate(spec, variables.head(0))
     new = _reset(spec, spec_lib.flatten(variables.variables), variables.stacked, data,
-                 progress)
+                 progress, mesh)
     return variables.replace(variables=new)
-  return _reset(spec, spec_lib.validate(spec, variables), frozenset(), data, progress)
+  return _reset(spec, spec_lib.validate(spec, variables), frozenset(), data, progress, mesh)
 
 
-def _reset(spec, flat, stacked, data, progress) -> dict:
+def _reset(spec, flat, stacked, data, progress, mesh) -> dict:
   stored = {p for p in flat if p[0] == "batch_stats"}
   if not stored:
     return spec_lib.unflatten(flat)
   variables = spec_lib.unflatten(flat)
-  sums: dict = {}
+  out_sharding = None
+  if mesh is not None:
+    out_sharding = sharding_lib.replicated(mesh)
+    variables = sharding_lib.replicate(variables, mesh)
+  # Float32 running sums, one per stored statistic (replicated on a mesh).
+  sums = {p: jnp.zeros(jnp.shape(flat[p]), jnp.float32) for p in stored}
+  if mesh is not None:
+    sums = sharding_lib.replicate(sums, mesh)
   total = 0
   batches = data_lib.iterate(data, what="BatchNorm reset")
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, desc="BatchNorm reset", leave=False)
   for x in batches:
-    size = _batch_size(x)
-    stats = _batch_stats(spec, stacked, variables, x)
+    size = sharding_lib.batch_size(x)
+    if mesh is not None:
+      x = sharding_lib.place_batch(x, mesh)
+    sums = _accumulate(spec, stacked, out_sharding, sums, variables, x, jnp.float32(size))
     total += size
-    for path, value in stats.items():
-      sums[path] = sums.get(path, 0.0) + value * size
-  missing = sorted(fmt_path(p) for p in stored if p not in sums)
-  unknown = sorted(fmt_path(p) for p in sums if p not in stored)
-  if missing or unknown:
-    raise SpecError(
-        "BatchNorm reset found batch statistics that do not line up with the variables.\n"
-        f"  stored but computed by no nn.BatchNorm call: {missing}\n"
-        f"  computed but not stored: {unknown}")
+  if mesh is not None:
+    sums = sharding_lib.to_local(sums)
   for path in stored:
     value = sums[path] / total
     if not bool(jnp.all(jnp.isfinite(value))):
       raise DataError(f"BatchNorm statistics {fmt_path(path)} are not finite after the reset; "
                       "check the calibration inputs and the model's parameters.")
-    flat[path] = value.astype(jnp.asarray(flat[path]).dtype)
+    value = value.astype(jnp.asarray(flat[path]).dtype)
+    if mesh is not None and isinstance(flat[path], jax.Array) and flat[path].committed:
+      value = jax.device_put(value, flat[path].sharding)  # where the caller put it
+    flat[path] = value
   return spec_lib.unflatten(flat)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from zipjax._src import batchnorm as bn_lib
 from zipjax._src import data as data_lib
@@ -131,7 +132,8 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 
 def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
-             reset_bn: bool = True, progress: bool = False) -> dict | MultiHead:
+             reset_bn: bool = True, progress: bool = False,
+             mesh: Mesh | None = None) -> dict | MultiHead:
   """Merges N >= 2 models of the same architecture into one, without training.
 
   Args:
@@ -145,6 +147,12 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
       and keep the rest of every model as its own head.
     reset_bn: recompute the merged model's BatchNorm statistics over ``data``.
     progress: show tqdm progress bars.
+    mesh: the devices the passes over ``data`` (statistics, BatchNorm reset) run on,
+      data-parallel: batches sharded over the mesh's "data" axis, variables replicated
+      (default: all local devices; a one-device mesh is the plain path). Matching runs on the
+      host and the zip kernels once, where the variables are. On several hosts, pass a mesh
+      over every process's devices and batches made with
+      ``jax.make_array_from_process_local_data``; see :func:`zipjax.compute_stats`.
 
   Returns:
     A full zip: variables with the same tree structure, shapes and dtypes as each input. A
@@ -158,19 +166,20 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
     merges = matcher(spec, variables_list, spaces=spaces)
   else:
     stats = stats_lib.compute_stats(spec, variables_list, data, spaces=spaces,
-                                    progress=progress)
+                                    progress=progress, mesh=mesh)
     merges = compute_merges(stats, num_models=len(variables_list), matcher=matcher,
                             progress=progress)
   merged = apply_merges(spec, variables_list, merges, stop_at=stop_at)
   if reset_bn:
-    merged = bn_lib.reset_batchnorm(spec, merged, data, progress=progress)
+    merged = bn_lib.reset_batchnorm(spec, merged, data, progress=progress, mesh=mesh)
   return merged
 
 
 def zip(variables_a: Any, variables_b: Any, spec: spec_lib.Spec, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
-        reset_bn: bool = True, progress: bool = False) -> dict | MultiHead:
+        reset_bn: bool = True, progress: bool = False,
+        mesh: Mesh | None = None) -> dict | MultiHead:
   """Merges two models into one (or a two-headed model with ``stop_at``); see
   :func:`zip_many`."""
   return zip_many([variables_a, variables_b], spec, data=data, matcher=matcher,
-                  stop_at=stop_at, reset_bn=reset_bn, progress=progress)
+                  stop_at=stop_at, reset_bn=reset_bn, progress=progress, mesh=mesh)
