@@ -37,24 +37,34 @@ class Method:
   index: int = 0
 
 
-def default_methods(spec: zipjax.Spec, num_models: int = 2, *,
-                    stops: Sequence[str] | None = None,
-                    alpha: float = 0.5, beta: float = 0.5) -> list[Method]:
-  """The rows of the paper's Table 1: each source, W.Avg, Git Re-Basin (2 models), Permute,
-  ZipIt! full, ZipIt! partial at each stop (default: every stop point but the last), and the
-  ensemble."""
+_MERGE_ROWS = {
+    "weight_avg": ("W.Avg", match.identity),
+    "git_rebasin": ("Git Re-Basin", match.weight_matching),
+    "permute": ("Permute", match.permute),
+}
+
+
+def table_methods(num_models: int, *,
+                  methods: Sequence[str] = ("ensemble", "weight_avg", "git_rebasin",
+                                            "permute", "zipit"),
+                  stop_points: Sequence[str | None] = (None,), alpha: float = 0.5,
+                  beta: float = 0.5) -> list[Method]:
+  """The rows of the paper's Table 1, in its order: each source model, then of ``methods``
+  W.Avg, Git Re-Basin (2 models only), Permute, ZipIt! at each of ``stop_points`` (None: the
+  full zip) and the ensemble."""
   names = "ABCDEFGH"
-  methods = [Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
-  methods.append(Method("W.Avg", "merge", match.identity()))
-  if num_models == 2:
-    methods.append(Method("Git Re-Basin", "merge", match.weight_matching()))
-  methods.append(Method("Permute", "merge", match.permute()))
-  zipit = match.greedy(alpha=alpha, beta=beta)
-  methods.append(Method("ZipIt! (full)", "merge", zipit))
-  for stop in (spec.stop_points[:-1] if stops is None else stops):
-    methods.append(Method(f"ZipIt! (partial, {stop})", "merge", zipit, stop_at=stop))
-  methods.append(Method("Ensemble", "ensemble"))
-  return methods
+  out = [Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
+  for key, (label, factory) in _MERGE_ROWS.items():
+    if key in methods and not (key == "git_rebasin" and num_models != 2):
+      out.append(Method(label, "merge", factory()))
+  if "zipit" in methods:
+    zipit = match.greedy(alpha=alpha, beta=beta)
+    for stop in stop_points:
+      name = "ZipIt! (full)" if stop is None else f"ZipIt! (partial, {stop})"
+      out.append(Method(name, "merge", zipit, stop_at=stop))
+  if "ensemble" in methods:
+    out.append(Method("Ensemble", "ensemble"))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

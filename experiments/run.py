@@ -10,6 +10,7 @@ method, evaluate, and write the paper's Table 1 layout and the partial-zip plot.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,32 +23,13 @@ from experiments import configs as configs_lib
 from experiments import data as data_lib
 from experiments import evaluate as eval_lib
 from experiments import train as train_lib
-from zipjax import match
 
-_METHOD_ROWS = {
-    "weight_avg": ("W.Avg", match.identity),
-    "git_rebasin": ("Git Re-Basin", match.weight_matching),
-    "permute": ("Permute", match.permute),
-}
-
-
-def methods_for(config: configs_lib.ExperimentConfig, spec, num_models: int):
-  """The rows of one group: each source model, then the config's methods in Table 1 order."""
-  names = "ABCDEFGH"
-  out = [eval_lib.Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
+def methods_for(config: configs_lib.ExperimentConfig, num_models: int):
+  """The Table 1 rows of one group, from the config's methods and stop points."""
   merge = config.merge
-  for key in ("weight_avg", "git_rebasin", "permute"):
-    if key in merge.methods and not (key == "git_rebasin" and num_models != 2):
-      label, factory = _METHOD_ROWS[key]
-      out.append(eval_lib.Method(label, "merge", factory()))
-  if "zipit" in merge.methods:
-    zipit = match.greedy(alpha=merge.alpha, beta=merge.beta)
-    for stop in merge.stop_points:
-      name = "ZipIt! (full)" if stop is None else f"ZipIt! (partial, {stop})"
-      out.append(eval_lib.Method(name, "merge", zipit, stop_at=stop))
-  if "ensemble" in merge.methods:
-    out.append(eval_lib.Method("Ensemble", "ensemble"))
-  return out
+  return eval_lib.table_methods(num_models, methods=merge.methods,
+                                stop_points=merge.stop_points, alpha=merge.alpha,
+                                beta=merge.beta)
 
 
 def class_embeddings(config: configs_lib.ExperimentConfig) -> np.ndarray | None:
@@ -101,7 +83,7 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
       test = data_lib.EvalBatches(test_set.subset(group_classes), config.eval_batch_size)
       rows += eval_lib.evaluate_methods(
           spec, [sources[t] for t in group], tasks=[tasks[t] for t in group],
-          calibration=calibration, test=test, methods=methods_for(config, spec, len(group)),
+          calibration=calibration, test=test, methods=methods_for(config, len(group)),
           class_embeddings=emb, logit_scale=config.train.logit_scale, pair=pair,
           progress=progress)
       pair += 1
@@ -115,7 +97,6 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
 
 
 def _jsonable(obj):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 

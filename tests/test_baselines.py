@@ -1,6 +1,5 @@
 """Baseline matchers: weight matching, optimal matching, k-means."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ the statistics over the pass, so the ratio should stay close to 1. No target is 
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 
@@ -20,20 +19,8 @@ TITLE = "BatchNorm reset vs train-mode forward passes"
 BASELINE = "jitted train-mode apply (mutable batch_stats)"
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  arch: str
-  width: float
-  num_batches: int
-  batch_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  cases: tuple[Case, ...]
-  image_size: int
-  repeats: int
-  budget_s: float
+Case = common.PassCase
+Settings = common.PassSettings
 
 
 SETTINGS = {

@@ -298,3 +298,23 @@ def fmt_bytes(b: float | None) -> str:
   if abs(b) < 2**20:
     return f"{b / 2**10:.0f} KiB"
   return f"{b / 2**20:.0f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCase:
+  """One model and the calibration batches of a pass-over-data benchmark."""
+
+  arch: str
+  width: float
+  num_batches: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSettings:
+  """The cases of a pass-over-data benchmark at one scale."""
+
+  cases: tuple[PassCase, ...]
+  image_size: int
+  repeats: int
+  budget_s: float

@@ -11,7 +11,6 @@ Target: ratio <= 1.3.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 
@@ -24,20 +23,8 @@ BASELINE = "jitted spec.apply of both models"
 TARGET = common.Target("<=", 1.3)
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  arch: str
-  width: float
-  num_batches: int
-  batch_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  cases: tuple[Case, ...]
-  image_size: int
-  repeats: int
-  budget_s: float
+Case = common.PassCase
+Settings = common.PassSettings
 
 
 SETTINGS = {

@@ -16,42 +16,18 @@ its two models in well under a minute on a 2-core CPU.
 
 from __future__ import annotations
 
-import dataclasses
-
 from experiments import configs as C
-from experiments.train import TrainConfig
+from experiments.configs import _cifar
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:
-  local = C.check_arg(arg, __name__)
-  config = C.ExperimentConfig(
-      name="cifar100_resnet20x16_ce",
-      datasets=(C.DataConfig(source="cifar100"),),
-      model=C.ModelConfig(factory="resnet20", width=16, num_outputs=50),
-      head="ce",
-      split=C.SplitConfig(num_classes=100, num_tasks=2, seed=0),
-      train=TrainConfig(epochs=100, batch_size=500, learning_rate=0.4, momentum=0.9,
-                        weight_decay=5e-4, warmup_epochs=5, schedule="linear"),
-      num_runs=5,
-      groups=((0, 1),),
-      calibration=C.CalibrationConfig(num_images=5000, batch_size=500, augmentation=True),
-      merge=C.MergeConfig(methods=("ensemble", "weight_avg", "git_rebasin", "permute", "zipit"),
-                          stop_points=(None, "stage2", "stage1")),
-      output_dir="runs/cifar100_resnet20x16_ce",
-  )
-  if not local:
+  config = _cifar.paper(
+      "cifar100_resnet20x16_ce", data=C.DataConfig(source="cifar100"),
+      model=C.ModelConfig(factory="resnet20", width=16, num_outputs=50), head="ce",
+      num_classes=100, stop_points=(None, "stage2", "stage1"))
+  if not C.check_arg(arg, __name__):
     return config
-  return dataclasses.replace(
-      config,
-      name="cifar100_resnet20x16_ce_local",
-      datasets=(dataclasses.replace(config.data, max_per_class=200, max_test_per_class=50),),
-      model=C.ModelConfig(factory="resnet20", width=1, num_outputs=5),
-      split=C.SplitConfig(num_classes=10, num_tasks=2, seed=0),
-      train=TrainConfig(epochs=4, batch_size=100, learning_rate=0.1, warmup_epochs=1,
-                        schedule="linear"),
-      num_runs=1,
-      calibration=C.CalibrationConfig(num_images=500, batch_size=250, augmentation=True),
-      merge=C.MergeConfig(methods=("ensemble", "weight_avg", "permute", "zipit"),
-                          stop_points=(None, "stage2")),
-      output_dir="runs/cifar100_resnet20x16_ce_local",
-  )
+  return _cifar.local(config, max_per_class=200, max_test_per_class=50,
+                      model=C.ModelConfig(factory="resnet20", width=1, num_outputs=5),
+                      num_classes=10, epochs=4, calibration_images=500,
+                      stop_points=(None, "stage2"))
