@@ -10,6 +10,8 @@ import zipjax
 from zipjax import match
 from zipjax import models
 from zipjax import spec as S
+from zipjax._src import spec as spec_lib
+from zipjax._src import zipping
 from tests import zoo
 
 MATCHERS = {
@@ -158,3 +160,90 @@ def test_apply_merges_checks_merge_shapes():
   merges["hidden0"] = match.identity()(np.eye(3 * 32), num_models=3)
   with pytest.raises(zipjax.MismatchError, match="hidden0"):
     zipjax.apply_merges(spec, [va, vb], merges)
+
+
+def test_apply_merges_rejects_non_finite_parameters():
+  spec, (va, vb), _ = zoo.make("mlp")
+  merges = {s.name: match.identity()(np.eye(2 * s.width), num_models=2) for s in spec.spaces}
+  bad = jax.tree_util.tree_map(lambda a: a, vb)
+  bad["params"]["dense1"]["kernel"] = bad["params"]["dense1"]["kernel"].at[0, 0].set(jnp.nan)
+  with pytest.raises(zipjax.MismatchError, match=r"Model 1 .*params/dense1/kernel"):
+    zipjax.apply_merges(spec, [va, bad], merges)
+
+
+# ----------------------------------------------------------------------------------------------
+# The zip kernel against a float64 numpy reference: W* = sum_m M_m(out) W_m U_m(in).
+
+
+def _random_corr(dim, seed):
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(4 * dim, dim // 2)) @ rng.normal(size=(dim // 2, dim))
+  return np.corrcoef(feats, rowvar=False)
+
+
+def _soft_merge(width, num_models, seed):
+  """A merge that is no averaging of groups: every model's features mixed densely."""
+  rng = np.random.default_rng(seed)
+  M = rng.uniform(size=(width, num_models * width)).astype(np.float32)
+  U = rng.normal(size=(num_models * width, width)).astype(np.float32)
+  return match.Merge(M / M.sum(1, keepdims=True), U)
+
+
+def _numpy_zip(spec, variables_list, merges):
+  flats = [spec_lib.flatten(v) for v in variables_list]
+  out = {}
+  for path in flats[0]:
+    x = np.stack([np.asarray(f[path], np.float64) for f in flats])
+    axes = spec.leaf_axes(path, x.ndim - 1)
+    for axis, ax in axes.items():
+      ms, us = merges[ax.space].blocks()
+      mats = {"out": ms, "var": [a * a for a in ms], "in": [u.T for u in us]}[ax.role]
+      x = np.stack([np.moveaxis(np.tensordot(mats[m].astype(np.float64),
+                                             np.moveaxis(x[m], axis, 0), axes=(1, 0)), 0, axis)
+                    for m in range(len(flats))])
+    out[path] = x.sum(0) if any(a.role != "in" for a in axes.values()) else x.mean(0)
+  return out
+
+
+MERGE_KINDS = {
+    # alpha = beta = 1: long chains, several members of one model in a group (gathers, K > 1)
+    "greedy_chains": lambda corr, n: match.greedy(alpha=1.0, beta=1.0)(corr, num_models=n),
+    "greedy": lambda corr, n: match.greedy()(corr, num_models=n),
+    "permute": lambda corr, n: match.permute()(corr, num_models=n),
+    "soft": None,  # dense blocks
+}
+
+
+@pytest.mark.parametrize("kind", list(MERGE_KINDS))
+@pytest.mark.parametrize("name,num_models", [("mlp", 2), ("mlp", 3), ("resnet20", 2)])
+def test_apply_merges_equals_numpy_reference(name, num_models, kind):
+  spec, variables, _ = zoo.make(name, num_models=num_models)
+  merges = {}
+  for i, s in enumerate(spec.spaces):
+    dim = num_models * s.width
+    merges[s.name] = (_soft_merge(s.width, num_models, i) if kind == "soft"
+                      else MERGE_KINDS[kind](_random_corr(dim, i), num_models))
+  if kind == "greedy_chains":  # the case this test exists for: a model gives a group several
+    assert max(int(zipping.as_groups(m).mask.sum(-1).max()) for m in merges.values()) > 1
+  got = spec_lib.flatten(zipjax.apply_merges(spec, list(variables), merges))
+  want = _numpy_zip(spec, variables, merges)
+  assert got.keys() == want.keys()
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=2e-5, atol=2e-6 * np.abs(
+        want[path]).max(), err_msg=spec_lib.fmt_path(path))
+
+
+def test_as_groups_is_exactly_the_merge():
+  corr = _random_corr(48, 0)
+  for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
+    merge = matcher(corr, num_models=3)
+    groups = zipping.as_groups(merge)
+    idx, mask, size = (np.asarray(a) for a in groups)
+    n = merge.M.shape[0]
+    for m, (mb, ub) in enumerate(zip(*merge.blocks())):
+      dense = np.zeros((n, n), np.float32)
+      for k in range(idx.shape[-1]):
+        np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
+      np.testing.assert_array_equal(dense, ub.T)
+      np.testing.assert_array_equal(dense / size[:, None], mb)
+  assert zipping.as_groups(_soft_merge(16, 2, 0)) is None

@@ -6,8 +6,8 @@ shared structure, see ``greedy.feature_correlation``). The baseline is the least
 do, read both models and write a tree: ``jax.jit(lambda t: tree_map(lambda x: x * 1.0, t))``
 on both models' variables.
 
-Two rows per case: the whole public call (it also validates the inputs, stacks the models and
-builds the merge blocks) and, where the library's internal kernel can be reached, the jitted
+Two rows per case: the whole public call (it also validates the inputs and turns the merges
+into gather indices) and, where the library's internal kernel can be reached, the jitted
 kernel alone on inputs prepared as the call prepares them. Compilation is excluded.
 
 Target: ratio <= 3.
@@ -80,16 +80,15 @@ def make_merges(spec: zipjax.Spec, num_models: int, kind: str, *,
 def kernel_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.Merge]
                 ) -> tuple[Callable[[], Any] | None, str]:
   """A call of the library's jitted zip kernel alone, on inputs prepared as ``apply_merges``
-  prepares them (models stacked leaf by leaf, merge blocks on the device), or None and why
+  prepares them (flat variables, merges as gather indices on the device), or None and why
   not if the library's internals have changed."""
   try:
     from zipjax._src import spec as spec_lib  # pylint: disable=g-import-not-at-top
     from zipjax._src import zipping  # pylint: disable=g-import-not-at-top
-    flats = [spec_lib.flatten(v) for v in variables]
-    stacked = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p in flats[0]}
-    blocks = zipping.merge_blocks(merges)
+    flats = tuple(spec_lib.flatten(v) for v in variables)
+    plans = zipping.prepare_merges(merges)
     kernel = zipping._zip_leaves  # pylint: disable=protected-access
-    call = lambda: kernel(spec, None, stacked, blocks)
+    call = lambda: kernel(spec, None, flats, plans)
     jax.block_until_ready(call())
     return call, ""
   except Exception as e:  # pylint: disable=broad-except
