@@ -54,8 +54,8 @@ def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> Merge:
   return Merge(M, U)
 
 
-def _check_corr(corr, num_models: int) -> tuple[np.ndarray, int]:
-  corr = np.asarray(corr, np.float64)
+def _check_corr(corr, num_models: int, dtype=np.float64) -> tuple[np.ndarray, int]:
+  corr = np.asarray(corr, dtype)
   if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
     raise ValueError(f"A matcher needs a square correlation matrix, got shape {corr.shape}.")
   if num_models < 2:
@@ -63,12 +63,25 @@ def _check_corr(corr, num_models: int) -> tuple[np.ndarray, int]:
   if corr.shape[0] % num_models:
     raise ValueError(f"Correlation matrix of size {corr.shape[0]} does not split into "
                      f"num_models={num_models} equal blocks.")
-  if not np.all(np.isfinite(corr)):
+  # NaN and inf survive a sum; the elementwise check only runs if the sum is not finite.
+  if not np.isfinite(corr.sum()) and not np.all(np.isfinite(corr)):
     raise ValueError("The correlation matrix holds NaN or inf; compute it with "
                      "zipjax.correlation, which defines dead features.")
-  # (a + b) / 2 is exactly symmetric: ties then break the same way from either side.
-  corr = (corr + corr.T) / 2
-  return corr, corr.shape[0] // num_models
+  return _symmetrise(corr), corr.shape[0] // num_models
+
+
+def _symmetrise(a: np.ndarray, tile: int = 128) -> np.ndarray:
+  """(a + a.T) / 2, exactly symmetric (ties then break the same way from either side), in
+  tiles: a whole-matrix transpose-add walks memory across rows and is 4 times slower."""
+  dim = a.shape[0]
+  out = np.empty_like(a)
+  for i in range(0, dim, tile):
+    for j in range(i, dim, tile):
+      t = a[i:i + tile, j:j + tile] + a[j:j + tile, i:i + tile].T
+      t *= 0.5
+      out[i:i + tile, j:j + tile] = t
+      out[j:j + tile, i:i + tile] = t.T
+  return out
 
 
 def same_model_budget(beta: float, num_models: int, width: int) -> int:
@@ -82,63 +95,114 @@ def same_model_budget(beta: float, num_models: int, width: int) -> int:
 
 def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
                    beta: float) -> list[list[int]]:
-  """The paper's greedy matching, with per-row maxima maintained between merges.
+  """The paper's greedy matching, with per-row maxima and merges taken in batches.
 
   Identical in result to :func:`greedy_reference` (the plain loop: argmax over the whole
-  matrix per merge), but each merge costs O(N*n) plus the rows whose maximum it disturbs.
+  matrix per merge). Each active row keeps its maximum over the pairs it may still make.
+  Rows are sorted by their maxima once per batch, and merges are taken down that order for
+  as long as the next row's pair is provably the pair the plain loop would pick next: neither
+  of its rows took part in a merge of this batch, no merged feature of this batch has a value
+  that reaches it (a merged feature's values can exceed its members' where correlations are
+  negative), and no model's same-model budget ran out. Then the disturbed rows are
+  recomputed and the rows are sorted again: most merges cost a few O(N*n) row operations,
+  and a handful of sorts serve all of them.
+
+  Pairs that can never be made again are -inf in C itself (the diagonal, merged-away
+  features), so a row's maximum is an argmax with at most a model's own block masked.
   """
   dim = corr.shape[0]
   n = dim // num_models
-  C = corr.copy()
-  np.fill_diagonal(C, -np.inf)
+  C = corr  # the caller's fresh copy, updated in place
+  neg = C.dtype.type(-np.inf)
+  np.fill_diagonal(C, neg)
   owner = np.arange(dim) // n
   active = np.ones(dim, bool)
   budget = np.full(num_models, same_model_budget(beta, num_models, n))
   members: list[list[int]] = [[i] for i in range(dim)]
 
+  def without_spent(vals: np.ndarray, rows: np.ndarray,
+                    cols: np.ndarray | None = None) -> np.ndarray:
+    """vals (C at rows x cols, all columns by default) with the pairs of models out of budget
+    at -inf."""
+    for o in np.flatnonzero(budget == 0):
+      mine = np.flatnonzero(owner[rows] == o)
+      if len(mine):
+        theirs = (np.arange(o * n, (o + 1) * n) if cols is None
+                  else np.flatnonzero(owner[cols] == o))
+        vals[np.ix_(mine, theirs)] = neg
+    return vals
+
   def row_maxima(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vals = C[rows].copy()
-    ok = active[None, :] & ((owner[None, :] != owner[rows, None])
-                            | (budget[owner[rows]] > 0)[:, None])
-    vals[~ok] = -np.inf
+    vals = without_spent(C[rows], rows)
     arg = vals.argmax(1)
     return vals[np.arange(len(rows)), arg], arg
 
   rowmax, rowarg = row_maxima(np.arange(dim))
-  for _ in range(dim - n):
-    i = int(rowmax.argmax())
-    j = int(rowarg[i])
-    if not np.isfinite(rowmax[i]):
+  merges_left = dim - n
+  while merges_left:
+    order = np.lexsort((np.arange(dim), -rowmax))
+    changed: list[int] = []  # the surviving rows (i) of this batch's merges
+    touched: set[int] = set()
+    max_new = neg
+    spent = -1
+    for r in order.tolist():
+      if not merges_left or spent >= 0:
+        break
+      if not active[r]:
+        continue  # merged away in this batch
+      v = rowmax[r]
+      c = int(rowarg[r])
+      if r in touched or c in touched or c < r or not v > max_new or v == neg:
+        break
+      i, j = r, c
+      o = owner[i]
+      if owner[j] == o:
+        budget[o] -= 1
+        if budget[o] == 0:
+          spent = o
+      new = np.minimum(C[i], C[j])
+      new *= alpha
+      new[i] = neg
+      new[j] = neg
+      C[i] = new
+      C[:, i] = new  # strided, but a plain slice: a few microseconds
+      C[:, j] = neg
+      C[j] = neg
+      active[j] = False
+      members[i] += members[j]
+      members[j] = []
+      rowmax[j] = neg
+      if budget[o] > 0:
+        max_new = max(max_new, new.max())
+      else:  # the merged feature may not pair with its own model's features
+        max_new = max(max_new, new[:o * n].max(initial=neg), new[(o + 1) * n:].max(initial=neg))
+      touched.update((i, j))
+      changed.append(i)
+      merges_left -= 1
+    if not changed:
       raise RuntimeError("greedy matching ran out of allowed pairs; please report this.")
-    # i < j: the lowest row holding the maximum is the smaller index of the pair.
-    o = owner[i]
-    spent = False
-    if owner[j] == o:
-      budget[o] -= 1
-      spent = budget[o] == 0
-    new = alpha * np.minimum(C[i], C[j])
-    C[i, :] = new
-    C[:, i] = new
-    C[i, i] = -np.inf
-    active[j] = False
-    members[i] += members[j]
-    members[j] = []
-    rowmax[j] = -np.inf
-
-    others = np.flatnonzero(active)
-    redo = (rowarg[others] == i) | (rowarg[others] == j) | (others == i)
-    if spent:
-      redo |= owner[others] == o
-    stale = others[redo]
+    cols = np.sort(np.asarray(changed))
+    if not merges_left:
+      break
+    # Rows whose maximum is unknown now: the merged rows, rows whose maximum was in a merged
+    # row, and, where a budget ran out, that model's rows.
+    live = np.flatnonzero(active)
+    redo = np.isin(rowarg[live], list(touched)) | np.isin(live, cols)
+    if spent >= 0:
+      redo |= owner[live] == spent
+    stale = live[redo]
     if len(stale):
       rowmax[stale], rowarg[stale] = row_maxima(stale)
-    fresh = others[~redo]
-    allowed = (owner[fresh] != o) | (budget[o] > 0)
-    v = np.where(allowed, new[fresh], -np.inf)
-    better = (v > rowmax[fresh]) | ((v == rowmax[fresh]) & (i < rowarg[fresh]))
-    upd = fresh[better]
-    rowmax[upd] = v[better]
-    rowarg[upd] = i
+    # The other rows keep their maxima unless a merged row's new value beats it.
+    fresh = live[~redo]
+    if len(fresh):
+      vals = without_spent(C[cols][:, fresh].T, fresh, cols)
+      best = vals.argmax(1)
+      v = vals[np.arange(len(fresh)), best]
+      col = cols[best]
+      better = (v > rowmax[fresh]) | ((v == rowmax[fresh]) & (col < rowarg[fresh]))
+      rowmax[fresh[better]] = v[better]
+      rowarg[fresh[better]] = col[better]
   return [members[i] for i in np.flatnonzero(active)]
 
 
@@ -146,7 +210,7 @@ def greedy_reference(corr: np.ndarray, *, num_models: int, alpha: float = 0.5,
                      beta: float = 0.5) -> Merge:
   """The paper's greedy matching as a plain numpy loop: one argmax over the whole matrix per
   merge. Slow (O((N*n)^3)); the reference that tests and benchmarks compare against."""
-  corr, n = _check_corr(corr, num_models)
+  corr, n = _check_corr(corr, num_models, np.float32)
   dim = corr.shape[0]
   C = corr.copy()
   owner = np.arange(dim) // n
@@ -188,7 +252,7 @@ def greedy(*, alpha: float = 0.5, beta: float = 0.5) -> Matcher:
     raise ValueError(f"greedy(beta=...) must lie in [0, 1], got {beta}.")
 
   def matcher(corr, *, num_models: int) -> Merge:
-    corr, _ = _check_corr(corr, num_models)
+    corr, _ = _check_corr(corr, num_models, np.float32)
     return merge_from_groups(_greedy_groups(corr, num_models, alpha, beta), corr.shape[0])
 
   matcher.__name__ = f"greedy(alpha={alpha}, beta={beta})"
