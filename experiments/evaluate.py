@@ -116,11 +116,13 @@ def _gflops_per_image(model: Any, spec: zipjax.Spec, x: np.ndarray) -> float:
 def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequence[Sequence[int]],
                      calibration: Sequence[Any], test: Iterable, methods: Sequence[Method],
                      class_embeddings: np.ndarray | None = None, logit_scale: float = 1.0,
+                     task_columns: Sequence[Sequence[int]] | None = None,
                      pair: int = 0, progress: bool = True) -> list[Row]:
   """One Row per method for N source models.
 
   The sources' BatchNorm statistics are reset on the calibration data first, as for every
-  merged model, so that all rows are measured alike.
+  merged model, so that all rows are measured alike. ``task_columns``: see
+  :func:`zipjax.metrics.accuracy`.
   """
   sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
   probe = next(iter(test))[0]
@@ -143,14 +145,22 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
       raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")
     jax.block_until_ready(model)
     seconds = time.perf_counter() - start
-    outputs, labels = _predict(model, spec, test)
-    acc = zipjax.metrics.accuracy(outputs, labels, tasks, class_embeddings=class_embeddings,
-                                  logit_scale=logit_scale)
-    key = _flops_key(model)
-    if key not in gflops:
-      gflops[key] = _gflops_per_image(model, spec, probe)
-    rows.append(Row(method.name, pair, acc.joint, acc.per_task, gflops[key], seconds))
+    acc, flops = _score(model, spec, test, tasks, class_embeddings, logit_scale, probe, gflops,
+                        task_columns)
+    rows.append(Row(method.name, pair, acc.joint, acc.per_task, flops, seconds))
   return rows
+
+
+def _score(model, spec, test, tasks, class_embeddings, logit_scale, probe,
+           gflops: dict[tuple, float], task_columns=None):
+  """(accuracy, GFLOPs per image) of one model; FLOPs cached in ``gflops`` per model shape."""
+  outputs, labels = _predict(model, spec, test)
+  acc = zipjax.metrics.accuracy(outputs, labels, tasks, class_embeddings=class_embeddings,
+                                logit_scale=logit_scale, task_columns=task_columns)
+  key = _flops_key(model)
+  if key not in gflops:
+    gflops[key] = _gflops_per_image(model, spec, probe)
+  return acc, gflops[key]
 
 
 def summarise(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -258,3 +268,63 @@ def plot_partial(rows: Sequence[Row], spec: zipjax.Spec, path: str, *,
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One merged model of a sweep: ``matcher`` (per-space or whole-model) zipped up to
+  ``stop_at`` (None: the full zip), labelled ``method`` at sweep value ``value``."""
+
+  value: Any
+  method: str
+  matcher: Callable
+  stop_at: str | None = None
+
+
+def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
+                      tasks: Sequence[Sequence[int]], calibration: Sequence[Any], test: Iterable,
+                      variants: Sequence[Variant], class_embeddings: np.ndarray | None = None,
+                      logit_scale: float = 1.0, pair: int = 0,
+                      progress: bool = True) -> list[tuple[Variant, Row]]:
+  """Merges N source models once per variant, sharing one pass of feature statistics.
+
+  What :func:`evaluate_methods` does for 'merge' methods (sources' BatchNorm reset on the
+  calibration data, zip, BatchNorm reset of the result, evaluation), but the statistics of
+  every space any variant needs are computed once, and each Row's ``seconds`` is the time of
+  the matcher calls alone, over every space the variant merges (a whole-model matcher: its one
+  call). Per-space matchers see the same correlations ``zipjax.zip_many`` gives them, so a
+  variant's accuracy equals :func:`evaluate_methods`' for the same matcher and stop point.
+  """
+  sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
+  num = len(sources)
+
+  def spaces_of(stop):
+    return spec.space_names if stop is None else spec.trunk_spaces(stop)
+
+  needed = [s for s in spec.space_names
+            if any(s in spaces_of(v.stop_at) for v in variants
+                   if not getattr(v.matcher, "whole_model", False))]
+  corr = {}
+  if needed:
+    stats = zipjax.compute_stats(spec, sources, calibration, spaces=needed)
+    corr = {name: np.asarray(zipjax.correlation(s)) for name, s in stats.items()}
+  probe = next(iter(test))[0]
+  gflops: dict[tuple, float] = {}
+  out = []
+  it = variants
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    it = tqdm.tqdm(variants, desc=f"variants (pair {pair})", leave=False)
+  for v in it:
+    spaces = spaces_of(v.stop_at)
+    start = time.perf_counter()
+    if getattr(v.matcher, "whole_model", False):
+      merges = v.matcher(spec, sources, spaces=spaces)
+    else:
+      merges = {s: v.matcher(corr[s], num_models=num) for s in spaces}
+    seconds = time.perf_counter() - start
+    model = zipjax.apply_merges(spec, sources, merges, stop_at=v.stop_at)
+    model = zipjax.reset_batchnorm(spec, model, calibration)
+    acc, flops = _score(model, spec, test, tasks, class_embeddings, logit_scale, probe, gflops)
+    out.append((v, Row(v.method, pair, acc.joint, acc.per_task, flops, seconds)))
+  return out

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,49 +43,146 @@ def class_embeddings(config: configs_lib.ExperimentConfig) -> np.ndarray | None:
   return data_lib.random_class_embeddings(num_classes, config.model.num_outputs, seed=0)
 
 
-def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
-        progress: bool = True) -> tuple[list[eval_lib.Row], str]:
-  """Runs ``config``; returns every row and the Markdown table (also written to out_dir)."""
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What every run of a config shares: the model, its spec, the class embeddings (None for
+  'ce' heads) and the train and test sets of every class any run uses; where the tasks are
+  different datasets, ``task_sets`` holds each task's (train, test) sets (and the train and
+  test sets are the first task's)."""
+
+  model: Any
+  spec: Any
+  class_embeddings: np.ndarray | None
+  train_set: data_lib.Dataset
+  test_set: data_lib.Dataset
+  task_sets: tuple[tuple[data_lib.Dataset, data_lib.Dataset], ...] | None = None
+
+
+def prepare(config: configs_lib.ExperimentConfig) -> Experiment:
+  """Builds the model and loads the data of ``config``: one dataset split into class tasks,
+  or one dataset per task."""
   configs_lib.validate(config)
-  if len(config.datasets) > 1:
-    raise NotImplementedError(
-        f"{config.name}: merging models trained on different datasets needs per-task test sets; "
-        "the runner handles class-split experiments (one dataset) so far.")
-  out_dir = out_dir or config.output_dir
-  os.makedirs(out_dir, exist_ok=True)
   model, spec = config.model.build()
+  if len(config.datasets) > 1:
+    if config.head != "ce":
+      raise NotImplementedError(
+          f"{config.name}: models trained on different datasets are merged with 'ce' heads "
+          f"(each using the first outputs of a shared head), got head={config.head!r}.")
+    task_sets = tuple(d.load() for d in config.datasets)
+    return Experiment(model, spec, None, task_sets[0][0], task_sets[0][1], task_sets)
   emb = class_embeddings(config)
   classes_all = sorted({int(c) for r in range(config.num_runs) for t in config.tasks(r)
                         for c in t})
   train_set, test_set = config.data.load(classes=classes_all)
+  return Experiment(model, spec, emb, train_set, test_set)
+
+
+def train_sources(config: configs_lib.ExperimentConfig, exp: Experiment, run_index: int, *,
+                  checkpoints: str | None, progress: bool = True) -> list[Any]:
+  """The source models of run ``run_index``, one per task: trained, or restored from
+  ``checkpoints/run{r}_task{t}`` (None: no checkpoints)."""
+  tasks = config.tasks(run_index)
+  emb = exp.class_embeddings
+  sources = []
+  for t, classes in enumerate(tasks):
+    ckpt = (None if checkpoints is None
+            else os.path.join(checkpoints, f"run{run_index}_task{t}"))
+    t0 = time.perf_counter()
+    variables = train_lib.train(
+        exp.model, exp.task_sets[t][0] if exp.task_sets else exp.train_set, classes, config.train_config(run_index, t),
+        class_embeddings=None if emb is None else emb[classes], progress=progress,
+        desc=f"run {run_index} model {t}", checkpoint_dir=ckpt)
+    sources.append(variables)
+    if progress:
+      print(f"run {run_index}: model {t} on classes {list(map(int, classes))} ready in "
+            f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+  return sources
+
+
+def group_data(config: configs_lib.ExperimentConfig, exp: Experiment, run_index: int,
+               group: Sequence[int], *,
+               calibration: configs_lib.CalibrationConfig | None = None
+               ) -> tuple[list[np.ndarray], data_lib.EvalBatches]:
+  """(calibration batches, test batches) of the tasks in ``group`` of run ``run_index``;
+  ``calibration`` replaces the config's calibration settings (for sweeps)."""
+  tasks = config.tasks(run_index)
+  cal = calibration or config.calibration
+  if exp.task_sets is not None:  # the union of the group's datasets, labels offset
+    offsets = _offsets(tasks, group)
+    shares = np.diff(np.linspace(0, cal.num_images, len(group) + 1).round().astype(int))
+    batches = []
+    for t, share in zip(group, shares):
+      batches += data_lib.calibration_batches(
+          exp.task_sets[t][0], num_images=int(share), batch_size=cal.batch_size,
+          seed=cal.seed + run_index, augmentation=cal.augmentation)
+    test = _OffsetBatches([(data_lib.EvalBatches(exp.task_sets[t][1], config.eval_batch_size),
+                            off) for t, off in zip(group, offsets)])
+    return batches, test
+  group_classes = np.concatenate([tasks[t] for t in group])
+  batches = data_lib.calibration_batches(
+      exp.train_set.subset(group_classes), num_images=cal.num_images,
+      batch_size=cal.batch_size, seed=cal.seed + run_index, augmentation=cal.augmentation)
+  test = data_lib.EvalBatches(exp.test_set.subset(group_classes), config.eval_batch_size)
+  return batches, test
+
+
+def group_tasks(config: configs_lib.ExperimentConfig, exp: Experiment, run_index: int,
+                group: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+  """(each task's classes as labelled in ``group_data``'s test set, each task's columns of a
+  shared head or None): class-split tasks keep their dataset's class indices; tasks that are
+  different datasets are numbered one after the other, each using its head's first outputs."""
+  tasks = config.tasks(run_index)
+  if exp.task_sets is None:
+    return [tasks[t] for t in group], None
+  offsets = _offsets(tasks, group)
+  return ([off + np.arange(len(tasks[t])) for t, off in zip(group, offsets)],
+          [np.arange(len(tasks[t])) for t in group])
+
+
+def _offsets(tasks: Sequence[np.ndarray], group: Sequence[int]) -> list[int]:
+  sizes = [len(tasks[t]) for t in group]
+  return [int(o) for o in np.cumsum([0] + sizes[:-1])]
+
+
+class _OffsetBatches:
+  """Re-iterable (x, y + offset) batches of several datasets' evaluation batches in turn."""
+
+  def __init__(self, parts: Sequence[tuple[Any, int]]):
+    self.parts = list(parts)
+
+  def __iter__(self):
+    for batches, offset in self.parts:
+      for x, y in batches:
+        yield x, np.asarray(y) + offset
+
+  def __len__(self):
+    return sum(len(b) for b, _ in self.parts)
+
+
+def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
+        progress: bool = True, checkpoints: str | None = None
+        ) -> tuple[list[eval_lib.Row], str]:
+  """Runs ``config``; returns every row and the Markdown table (also written to out_dir).
+
+  Source models are checkpointed in ``checkpoints`` (default ``out_dir/checkpoints``).
+  """
+  exp = prepare(config)
+  out_dir = out_dir or config.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoints = checkpoints or os.path.join(out_dir, "checkpoints")
+  spec, emb = exp.spec, exp.class_embeddings
   rows: list[eval_lib.Row] = []
   pair = 0
   for r in range(config.num_runs):
-    tasks = config.tasks(r)
-    sources = []
-    for t, classes in enumerate(tasks):
-      ckpt = os.path.join(out_dir, "checkpoints", f"run{r}_task{t}")
-      t0 = time.perf_counter()
-      variables = train_lib.train(
-          model, train_set, classes, config.train_config(r, t),
-          class_embeddings=None if emb is None else emb[classes], progress=progress,
-          desc=f"run {r} model {t}", checkpoint_dir=ckpt)
-      sources.append(variables)
-      if progress:
-        print(f"run {r}: model {t} on classes {list(map(int, classes))} ready in "
-              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
     for group in config.groups:
-      group_classes = np.concatenate([tasks[t] for t in group])
-      cal = config.calibration
-      calibration = data_lib.calibration_batches(
-          train_set.subset(group_classes), num_images=cal.num_images,
-          batch_size=cal.batch_size, seed=cal.seed + r, augmentation=cal.augmentation)
-      test = data_lib.EvalBatches(test_set.subset(group_classes), config.eval_batch_size)
+      calibration, test = group_data(config, exp, r, group)
+      group_task_classes, columns = group_tasks(config, exp, r, group)
       rows += eval_lib.evaluate_methods(
-          spec, [sources[t] for t in group], tasks=[tasks[t] for t in group],
+          spec, [sources[t] for t in group], tasks=group_task_classes,
           calibration=calibration, test=test, methods=methods_for(config, len(group)),
-          class_embeddings=emb, logit_scale=config.train.logit_scale, pair=pair,
-          progress=progress)
+          class_embeddings=emb, logit_scale=config.train.logit_scale, task_columns=columns,
+          pair=pair, progress=progress)
       pair += 1
   md = eval_lib.write_table(rows, out_dir)
   if any(r.method.startswith("ZipIt! (partial") for r in rows):
@@ -108,11 +205,14 @@ def main(argv: Sequence[str] | None = None, *, default: str = "digits_default") 
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, e.g. --set train.epochs=3")
   parser.add_argument("--out", default=None, help="output folder (default: the config's)")
+  parser.add_argument("--checkpoints", default=None,
+                      help="folder of the source models' checkpoints (default: OUT/checkpoints)")
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   start = time.perf_counter()
-  _, md = run(config, out_dir=args.out, progress=not args.quiet)
+  _, md = run(config, out_dir=args.out, progress=not args.quiet,
+              checkpoints=args.checkpoints)
   out = args.out or config.output_dir
   print(f"\n{config.name}: {config.num_pairs} model group(s), "
         f"{time.perf_counter() - start:.0f}s\n")

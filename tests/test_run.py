@@ -1,5 +1,6 @@
 """The experiment runner end to end on tiny data: train, checkpoint, merge, evaluate, write."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -49,3 +50,44 @@ def test_main_prints_the_table(tmp_path, capsys):
   assert run_lib.main(config_args) == 0
   out = capsys.readouterr().out
   assert "| Method |" in out and "| ZipIt! (full) |" in out and "| Ensemble |" in out
+
+
+def _fake_cifar(directory, seed, per_class=12):
+  """A CIFAR-10-shaped dataset of random images whose mean colour depends on the class."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for split, n in (("train", per_class), ("test", per_class // 2)):
+    y = np.repeat(np.arange(10), n).astype(np.int64)
+    x = rng.integers(0, 128, size=(len(y), 32, 32, 3)) + (y * 12)[:, None, None, None]
+    np.savez(os.path.join(directory, f"{split}.npz"), x=x.astype(np.uint8), y=y)
+  return str(directory)
+
+
+def test_runner_merges_models_trained_on_different_datasets(tmp_path):
+  """Tasks that are datasets: each model trains on its own dataset with the first outputs of
+  a shared head; each task is evaluated on its own test set, labels numbered one after the
+  other."""
+  base = configs.load("multidataset_resnet50_pairs:local")
+  data = tuple(configs.DataConfig(source="cifar10_npz", path=_fake_cifar(tmp_path / f"d{i}", i))
+               for i in range(2))
+  config = configs.override(
+      dataclasses.replace(base, datasets=data, groups=((0, 1),)),
+      "model.factory=resnet20", "model.width=0.25", "model.num_outputs=16",
+      "train.epochs=1", "train.batch_size=40", "calibration.num_images=40",
+      "calibration.batch_size=20", "calibration.augmentation=False", "eval_batch_size=64",
+      "merge.methods=('ensemble', 'permute', 'zipit')", "merge.stop_points=(None,)")
+  rows, md = run_lib.run(config, out_dir=str(tmp_path / "out"), progress=False)
+  by = {r.method: r for r in rows}
+  assert list(by) == ["Model A", "Model B", "Permute", "ZipIt! (full)", "Ensemble"]
+  for r in rows:
+    assert 0.0 <= r.joint <= 1.0 and len(r.per_task) == 2
+  # The ensemble's heads are the sources: each task's accuracy is its own model's.
+  assert by["Ensemble"].per_task == (by["Model A"].per_task[0], by["Model B"].per_task[1])
+  exp = run_lib.prepare(config)
+  tasks, columns = run_lib.group_tasks(config, exp, 0, (0, 1))
+  np.testing.assert_array_equal(tasks[1], np.arange(10, 20))
+  np.testing.assert_array_equal(columns[1], np.arange(10))
+  _, test = run_lib.group_data(config, exp, 0, (0, 1))
+  labels = np.concatenate([y for _, y in test])
+  assert sorted(set(labels.tolist())) == list(range(20)) and len(labels) == 2 * 60
+  assert "| ZipIt! (full) |" in md

@@ -44,7 +44,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def accuracy(outputs: Any, labels: np.ndarray, tasks: Sequence[Sequence[int]], *,
              class_embeddings: np.ndarray | None = None,
-             logit_scale: float = 1.0) -> Accuracy:
+             logit_scale: float = 1.0,
+             task_columns: Sequence[Sequence[int]] | None = None) -> Accuracy:
   """Per-task and joint accuracy.
 
   Args:
@@ -54,6 +55,9 @@ def accuracy(outputs: Any, labels: np.ndarray, tasks: Sequence[Sequence[int]], *
     class_embeddings: (num_classes, D) embeddings indexed by global class for CLIP-style
       heads; None for heads that give logits over their task's classes.
     logit_scale: temperature of CLIP-style logits (matters for the joint softmax).
+    task_columns: for heads that give logits: which of a head's outputs are task t's logits,
+      in the order of ``tasks[t]`` (default: all of them). For models that share one wide
+      head and each use its first outputs, as when the tasks are different datasets.
 
   Joint accuracy: a single CLIP-style model picks the nearest class embedding among all
   classes; otherwise each task's logits (from its head) go through a softmax over that task,
@@ -75,9 +79,12 @@ def accuracy(outputs: Any, labels: np.ndarray, tasks: Sequence[Sequence[int]], *
     out = outputs[t] if multi else outputs
     if class_embeddings is not None:
       return clip_logits(out, np.asarray(class_embeddings)[tasks[t]], logit_scale=logit_scale)
+    if task_columns is not None:
+      out = out[..., np.asarray(task_columns[t])]
     if out.shape[-1] != len(tasks[t]):
       raise ValueError(f"Head for task {t} gives {out.shape[-1]} logits but the task has "
-                       f"{len(tasks[t])} classes.")
+                       f"{len(tasks[t])} classes; pass task_columns to use part of a wider "
+                       "head.")
     return np.asarray(out, np.float64)
 
   per_task = []
