@@ -32,6 +32,24 @@ def test_multi_head_logits_joint_uses_softmax_per_task():
   assert acc.joint == 1.0
 
 
+def test_task_columns_pick_each_task_from_a_shared_wide_head():
+  # Two datasets of 2 and 3 classes, numbered 0-1 and 2-4, each using the first outputs of
+  # a 6-wide head; output 5 is used by no task and must not count.
+  tasks = [[0, 1], [2, 3, 4]]
+  labels = np.array([1, 4, 2])
+  out = np.array([[0.0, 2.0, 0.0, 9.0, 9.0, 9.0],   # task 0: column 1 -> class 1, right
+                  [0.0, 0.0, 3.0, 9.0, 9.0, 9.0],   # task 1: column 2 -> class 4, right
+                  [5.0, 0.0, 1.0, 0.0, 0.0, 9.0]])  # task 1: column 0 -> class 2, right
+  acc = metrics.accuracy(out, labels, tasks, task_columns=[[0, 1], [0, 1, 2]])
+  assert acc.per_task == (1.0, 1.0)
+  # Joint: per-task softmax over each task's own columns. Image 0: p(class 1) = .88 against
+  # task 1's .33 -> right. Image 1: task 0's .5 against p(class 4) = .90 -> right. Image 2:
+  # .99 for class 0 against .58 for class 2 -> wrong.
+  assert acc.joint == pytest.approx(2 / 3)
+  with pytest.raises(ValueError, match="pass task_columns"):
+    metrics.accuracy(out, labels, tasks)
+
+
 def test_accuracy_rejects_bad_shapes():
   with pytest.raises(ValueError, match="3 heads for 2 tasks"):
     metrics.accuracy(np.zeros((3, 2, 2)), np.array([0, 1]), TASKS)
