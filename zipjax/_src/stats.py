@@ -91,34 +91,40 @@ def correlation(stats: FeatureStats) -> jax.Array:
 
 
 def _update_space(stats: FeatureStats, spec: spec_lib.Spec, name: str,
-                  captures: Sequence[jax.Array]) -> FeatureStats:
-  """Merges one batch's (N, batch, ..., width) captures of a space into its statistics.
+                  captures: Sequence[Sequence[jax.Array]]) -> FeatureStats:
+  """Merges one batch's captures of a space (per capture point, one (batch, ..., width)
+  array per model) into its statistics.
 
-  The N models' channels are concatenated model by model. Each capture is reduced on its own
-  (no concatenation along the samples), and the batch axis is contracted, never reshaped:
-  with a batch sharded over devices, the sums become per-device sums and one all-reduce.
+  Per capture point, the models' centred features are written once into one (samples,
+  N * width) matrix, channels model by model (the subtraction fuses into that copy), and its
+  second moment is one plain matrix product. That is some 1.5 times faster on the CPU than
+  contracting stacked (N, batch, positions, width) features over two axes, which makes XLA
+  transpose them first. The batch axis stays the major one, so with a batch sharded over
+  devices the product is a per-device product plus one all-reduce.
   """
   width = spec.width(name)
-  parts = []
-  for c in captures:
-    if c.shape[-1] != width:
-      raise SpecError(f"Features of space {name!r} have {c.shape[-1]} channels (shape "
-                      f"{c.shape[1:]}), but the space has width {width}.")
-    batch = c.shape[1] if c.ndim > 2 else 1
-    parts.append(c.astype(jnp.float32).reshape(c.shape[0], batch, -1, width))
-  num = parts[0].shape[0]
-  b = sum(p.shape[1] * p.shape[2] for p in parts)
-  b_mean = sum(p.sum((1, 2)) for p in parts) / b  # (N, width)
+  parts = []  # per capture point, per model: (batch, positions, width)
+  for point in captures:
+    for c in point:
+      if c.shape[-1] != width:
+        raise SpecError(f"Features of space {name!r} have {c.shape[-1]} channels (shape "
+                        f"{c.shape}), but the space has width {width}.")
+    batch = point[0].shape[0] if point[0].ndim > 1 else 1
+    parts.append([c.astype(jnp.float32).reshape(batch, -1, width) for c in point])
+  num = len(parts[0])
+  b = sum(p[0].shape[0] * p[0].shape[1] for p in parts)
+  b_mean = [sum(p[m].sum((0, 1)) for p in parts) / b for m in range(num)]
   b_m2 = 0.0
   for p in parts:
-    centred = p - b_mean[:, None, None, :]
-    b_m2 = b_m2 + jnp.einsum("mbpi,nbpj->minj", centred, centred,
-                             precision=jax.lax.Precision.HIGHEST)
-  return _merge(stats, b, b_mean.reshape(-1), b_m2.reshape(num * width, num * width))
+    centred = jnp.concatenate([p[m] - b_mean[m][None, None, :] for m in range(num)], -1)
+    centred = centred.reshape(-1, num * width)
+    b_m2 = b_m2 + jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
+  return _merge(stats, b, jnp.concatenate(b_mean), b_m2)
 
 
 def _features(spec: spec_lib.Spec, models: Sequence[Any], x: Any) -> dict:
-  """{space: [captures (N, batch, ..., width)]} of N models, one pass per model.
+  """{space: [per capture point: [one (batch, ..., width) capture per model]]} of N models,
+  one pass per model.
 
   Not vmapped over stacked models: vmap makes a grouped convolution of a conv over stacked
   kernels, which XLA runs ~4x slower on the CPU than the N plain convolutions, and which its
@@ -126,7 +132,7 @@ def _features(spec: spec_lib.Spec, models: Sequence[Any], x: Any) -> dict:
   every device; openxla/xla#47945). The FLOPs are the same either way.
   """
   per_model = [spec.features(v, x) for v in models]
-  return {n: [jnp.stack(c) for c in zip(*(f[n] for f in per_model))] for n in per_model[0]}
+  return {n: [list(c) for c in zip(*(f[n] for f in per_model))] for n in per_model[0]}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
