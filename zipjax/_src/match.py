@@ -107,8 +107,8 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   recomputed and the rows are sorted again: most merges cost a few O(N*n) row operations,
   and a handful of sorts serve all of them.
 
-  Pairs that can never be made again are -inf in C itself (the diagonal, merged-away
-  features), so a row's maximum is an argmax with at most a model's own block masked.
+  The diagonal is -inf in C; merged-away features are masked when a row is read (their
+  columns are never written), and a model's own block once its budget is spent.
   """
   dim = corr.shape[0]
   n = dim // num_models
@@ -119,6 +119,7 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   active = np.ones(dim, bool)
   budget = np.full(num_models, same_model_budget(beta, num_models, n))
   members: list[list[int]] = [[i] for i in range(dim)]
+  gone = np.zeros(dim, C.dtype)  # -inf at merged-away features: added to a row, masks them
 
   def without_spent(vals: np.ndarray, rows: np.ndarray,
                     cols: np.ndarray | None = None) -> np.ndarray:
@@ -133,7 +134,9 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
     return vals
 
   def row_maxima(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vals = without_spent(C[rows], rows)
+    vals = C[rows]
+    vals += gone
+    vals = without_spent(vals, rows)
     arg = vals.argmax(1)
     return vals[np.arange(len(rows)), arg], arg
 
@@ -160,14 +163,13 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
         budget[o] -= 1
         if budget[o] == 0:
           spent = o
+      gone[j] = neg
       new = np.minimum(C[i], C[j])
       new *= alpha
+      new += gone
       new[i] = neg
-      new[j] = neg
       C[i] = new
-      C[:, i] = new  # strided, but a plain slice: a few microseconds
-      C[:, j] = neg
-      C[j] = neg
+      C[:, i] = new  # strided, but a plain slice: the largest cost of a merge
       active[j] = False
       members[i] += members[j]
       members[j] = []
