@@ -100,9 +100,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     class_embeddings: jax.Array | None, logit_scale: float, *,
                     label_smoothing: float = 0.0) -> Callable:
   """A jitted step (params, batch_stats, opt_state, x, local labels) -> (..., loss)."""
+  core = _train_step(model, tx, logit_scale, label_smoothing)
+  return lambda params, batch_stats, opt_state, x, y: core(params, batch_stats, opt_state, x,
+                                                           y, class_embeddings)
+
+
+def _train_step(model: nn.Module, tx: optax.GradientTransformation, logit_scale: float,
+                label_smoothing: float) -> Callable:
+  """The jitted step with the class embeddings as an argument (None: cross-entropy head)."""
 
   @jax.jit
-  def step(params, batch_stats, opt_state, x, y):
+  def step(params, batch_stats, opt_state, x, y, class_embeddings):
     def loss_fn(p):
       out, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
                                  mutable=["batch_stats"])
@@ -119,6 +127,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return optax.apply_updates(params, upd), new_stats, opt_state, loss
 
   return step
+
+
+@functools.lru_cache(maxsize=16)
+def _recipe_step(model: nn.Module, recipe: TrainConfig, steps_per_epoch: int
+                 ) -> tuple[optax.GradientTransformation, Callable]:
+  """(optimizer, jitted step) of a recipe, shared by every model trained with it: the
+  recipe without its seed, so the source models of an experiment compile their step once."""
+  tx = make_optimizer(recipe, steps_per_epoch)
+  return tx, _train_step(model, tx, recipe.logit_scale, recipe.label_smoothing)
 
 
 def local_labels(y: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -169,14 +186,13 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
   if len(task) < config.batch_size:
     raise ValueError(f"Only {len(task)} training images for batch size {config.batch_size}.")
   steps_per_epoch = len(task) // config.batch_size
-  tx = make_optimizer(config, steps_per_epoch)
+  tx, core = _recipe_step(model, dataclasses.replace(config, seed=0), steps_per_epoch)
   emb = None if class_embeddings is None else jnp.asarray(class_embeddings)
   x0 = task.normalise(task.x[:2])
   variables = model.init(jax.random.key(config.seed), x0)
   state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   state["opt_state"] = tx.init(state["params"])
-  step = make_train_step(model, tx, emb, config.logit_scale,
-                         label_smoothing=config.label_smoothing)
+  step = lambda p, b, o, x, y: core(p, b, o, x, y, emb)  # noqa: E731
   record = run_record(task, classes, config, class_embeddings)
   loss = float("nan")
   start_epoch = 0

@@ -119,6 +119,18 @@ def test_training_learns_the_task(digits):
   assert accuracy > 0.9  # chance: 0.25
 
 
+def test_models_of_one_recipe_share_their_compiled_step(digits):
+  model = TinyCNN(features=5)
+  before = train_lib._recipe_step.cache_info()  # pylint: disable=protected-access
+  a = train_lib.train(model, digits, CLASSES, CONFIG, progress=False)
+  b = train_lib.train(model, digits, CLASSES, dataclasses.replace(CONFIG, seed=4),
+                      progress=False)
+  after = train_lib._recipe_step.cache_info()  # pylint: disable=protected-access
+  assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+  # The seed still matters: it is an input of the run, not of the compiled step.
+  assert not np.array_equal(a["params"]["head"]["kernel"], b["params"]["head"]["kernel"])
+
+
 def test_clip_head_trains_against_class_embeddings(digits):
   emb = data_lib.random_class_embeddings(len(CLASSES), 16, seed=0)
   variables = train_lib.train(TinyCNN(num_outputs=16), digits, CLASSES,
