@@ -32,7 +32,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 class Groups(NamedTuple):
-  """A merge that averages groups of features, as gather indices (device arrays).
+  """A merge that averages groups of features, as gather indices.
 
   For model m and merged feature g, ``idx[m, g, :]`` are model m's members of g (padded with
   index 0), ``mask[m, g, :]`` marks the real ones and ``size[g]`` counts g's members over all
@@ -75,25 +75,17 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
     rank = np.arange(n) - (np.cumsum(counts[m]) - counts[m])[sorted_g]
     idx[m, sorted_g, rank] = order
     mask[m, sorted_g, rank] = 1.0
-  return Groups(jnp.asarray(idx), jnp.asarray(mask), jnp.asarray(size.astype(np.float32)))
-
-
-def merge_blocks(merges: Mapping[str, match_lib.Merge]) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{space: (M blocks (N, n, n), U blocks (N, n, n))} as device arrays."""
-  out = {}
-  for name, merge in merges.items():
-    ms, us = merge.blocks()
-    out[name] = (jnp.asarray(np.stack(ms)), jnp.asarray(np.stack(us)))
-  return out
+  return Groups(idx, mask, size.astype(np.float32))
 
 
 def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | tuple]:
-  """{space: Groups} where a merge averages groups, else {space: (M blocks, U blocks)}."""
+  """{space: Groups} where a merge averages groups, else {space: (M blocks, U blocks)}, on
+  the device (one transfer of the whole tree)."""
   out = {}
   for name, merge in merges.items():
     groups = as_groups(merge)
-    out[name] = groups if groups is not None else merge_blocks({name: merge})[name]
-  return out
+    out[name] = groups if groups is not None else tuple(np.stack(b) for b in merge.blocks())
+  return jax.device_put(out)
 
 
 def _weight(plan: Groups, m: int, role: str) -> jax.Array:
