@@ -238,12 +238,30 @@ def test_as_groups_is_exactly_the_merge():
   for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
     merge = matcher(corr, num_models=3)
     groups = zipping.as_groups(merge)
-    idx, mask, size = (np.asarray(a) for a in groups)
+    idx, mask, size, rows, rows_mask = (np.asarray(a) for a in groups)
     n = merge.M.shape[0]
     for m, (mb, ub) in enumerate(zip(*merge.blocks())):
+      several = np.flatnonzero(mask[m].sum(1) > 1)
+      np.testing.assert_array_equal(rows[m][rows_mask[m] > 0], several)
       dense = np.zeros((n, n), np.float32)
       for k in range(idx.shape[-1]):
         np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
       np.testing.assert_array_equal(dense, ub.T)
       np.testing.assert_array_equal(dense / size[:, None], mb)
   assert zipping.as_groups(_soft_merge(16, 2, 0)) is None
+
+
+@pytest.mark.parametrize("axes", [(1,), (0, 1), (0, 2), (1, 2)])
+def test_scatter_add_on_any_axes_equals_numpy(axes):
+  rng = np.random.default_rng(0)
+  y = rng.normal(size=(5, 6, 7)).astype(np.float32)
+  rows = {a: np.sort(rng.choice(y.shape[a], size=3, replace=False)).astype(np.int32)
+          for a in axes}
+  block_shape = [3 if a in axes else d for a, d in enumerate(y.shape)]
+  block = rng.normal(size=block_shape).astype(np.float32)
+  want = y.copy()
+  index = np.ix_(*[rows[a] if a in axes else np.arange(d) for a, d in enumerate(y.shape)])
+  want[index] += block
+  got = zipping._scatter_add(jnp.asarray(y), {a: jnp.asarray(r) for a, r in rows.items()},
+                             jnp.asarray(block))
+  np.testing.assert_allclose(got, want, rtol=1e-6)

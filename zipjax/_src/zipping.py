@@ -43,6 +43,8 @@ class Groups(NamedTuple):
   idx: jax.Array  # (N, n, K) int32
   mask: jax.Array  # (N, n, K) float32
   size: jax.Array  # (n,) float32
+  rows: jax.Array  # (N, P) int32: the groups model m gives several members, padded, sorted
+  rows_mask: jax.Array  # (N, P) float32: 0 for the padding
 
 
 def as_groups(merge: match_lib.Merge) -> Groups | None:
@@ -75,7 +77,16 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
     rank = np.arange(n) - (np.cumsum(counts[m]) - counts[m])[sorted_g]
     idx[m, sorted_g, rank] = order
     mask[m, sorted_g, rank] = 1.0
-  return Groups(idx, mask, size.astype(np.float32))
+  multi = [np.flatnonzero(c > 1) for c in counts]
+  # Padded with other groups (weight 0), so each model's rows are distinct and sorted: the
+  # scatters that add the further members can then tell XLA so.
+  rows = np.zeros((num, max(len(r) for r in multi)), np.int32)
+  rows_mask = np.zeros(rows.shape, np.float32)
+  for m, r in enumerate(multi):
+    pad = np.setdiff1d(np.arange(n), r)[:rows.shape[1] - len(r)]
+    rows[m] = np.sort(np.concatenate([r, pad]))
+    rows_mask[m] = np.isin(rows[m], r)
+  return Groups(idx, mask, size.astype(np.float32), rows, rows_mask)
 
 
 def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | tuple]:
@@ -135,20 +146,64 @@ def _gather(x: jax.Array, ops: Mapping[int, tuple[jax.Array, jax.Array]]) -> jax
   return functools.reduce(jnp.add, terms)
 
 
+def _scatter_add(y: jax.Array, rows: Mapping[int, jax.Array], block: jax.Array) -> jax.Array:
+  """y with ``block`` added at the given rows of the given axes ({axis: (P,) sorted, distinct
+  indices})."""
+  axes = sorted(rows)
+  front = list(range(len(axes)))
+  if axes != list(range(axes[0], axes[0] + len(axes))):  # keep the indexed axes adjacent
+    moved = _scatter_add(jnp.moveaxis(y, axes, front),
+                         {i: rows[a] for i, a in enumerate(axes)},
+                         jnp.moveaxis(block, axes, front))
+    return jnp.moveaxis(moved, front, axes)
+  index = [slice(None)] * y.ndim
+  for i, a in enumerate(axes):
+    shape = [1] * len(axes)
+    shape[i] = rows[a].shape[0]
+    index[a] = rows[a].reshape(shape)
+  return y.at[tuple(index)].add(block, indices_are_sorted=True, unique_indices=True)
+
+
+def _groups_apply(x: jax.Array, m: int, axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
+  """Model m's side of group-average merges on every axis in ``axes`` ({axis: (groups,
+  role)}).
+
+  The first member of every group on every axis is one fused gather pass. The further
+  members exist only for the few groups a model gives several members; for each set S of
+  axes, the terms with further members on S are computed for those groups only (a block as
+  small as they are) and scatter-added in place, so a merge with such groups still costs
+  about one pass over the leaf.
+  """
+  first, extra = {}, {}
+  for axis, (g, role) in axes.items():
+    w = _weight(g, m, role)
+    first[axis] = (g.idx[m, :, :1], w[:, :1])
+    if g.idx.shape[2] > 1 and g.rows.shape[1]:
+      rows = g.rows[m]
+      extra[axis] = (rows, g.idx[m][rows][:, 1:], w[rows][:, 1:] * g.rows_mask[m][:, None])
+  y = _gather(x, first)
+  for r in range(1, len(extra) + 1):
+    for subset in itertools.combinations(sorted(extra), r):
+      ops = dict(first)
+      ops.update({a: extra[a][1:] for a in subset})
+      y = _scatter_add(y, {a: extra[a][0] for a in subset}, _gather(x, ops))
+  return y
+
+
 def _transform(x: jax.Array, m: int, axes: Sequence[tuple[int, Any, str]]) -> jax.Array:
   """Applies model m's side of each (axis, plan, role) to model m's leaf x: M_m (role OUT),
   M_m squared (VAR) or U_m transposed (IN)."""
   gathers = {}
   for axis, plan, role in axes:
     if isinstance(plan, Groups):
-      gathers[axis] = (plan.idx[m], _weight(plan, m, role))
+      gathers[axis] = (plan, role)
       continue
     ms, us = plan
     mat = {spec_lib.OUT: ms[m], spec_lib.VAR: ms[m] * ms[m]}.get(role)
     if mat is None:
       mat = us[m].T
     x = jnp.moveaxis(jnp.tensordot(x, mat, axes=((axis,), (1,)), precision=_HI), -1, axis)
-  return _gather(x, gathers) if gathers else x
+  return _groups_apply(x, m, gathers) if gathers else x
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
