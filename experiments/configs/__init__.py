@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -82,9 +83,15 @@ class ModelConfig:
   num_outputs: int = 10
 
   def build(self):
-    """(flax module, zip spec)."""
-    from zipjax import models  # pylint: disable=g-import-not-at-top
-    return getattr(models, self.factory)(width=self.width, num_outputs=self.num_outputs)
+    """(flax module, zip spec), the same objects for equal configs: specs hash by identity,
+    so every run of one model shares its compiled passes."""
+    return _build_model(self.factory, self.width, self.num_outputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_model(factory: str, width: float, num_outputs: int):
+  from zipjax import models  # pylint: disable=g-import-not-at-top
+  return getattr(models, factory)(width=width, num_outputs=num_outputs)
 
 
 @dataclasses.dataclass(frozen=True)

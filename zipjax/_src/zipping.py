@@ -78,8 +78,7 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
     idx[m, sorted_g, rank] = order
     mask[m, sorted_g, rank] = 1.0
   multi = [np.flatnonzero(c > 1) for c in counts]
-  # Padded with other groups (weight 0), so each model's rows are distinct and sorted: the
-  # scatters that add the further members can then tell XLA so.
+  # Padded with other groups (weight 0), so each model's rows are distinct and sorted.
   rows = np.zeros((num, max(len(r) for r in multi)), np.int32)
   rows_mask = np.zeros(rows.shape, np.float32)
   for m, r in enumerate(multi):
@@ -161,7 +160,7 @@ def _scatter_add(y: jax.Array, rows: Mapping[int, jax.Array], block: jax.Array) 
     shape = [1] * len(axes)
     shape[i] = rows[a].shape[0]
     index[a] = rows[a].reshape(shape)
-  return y.at[tuple(index)].add(block, indices_are_sorted=True, unique_indices=True)
+  return y.at[tuple(index)].add(block)
 
 
 def _groups_apply(x: jax.Array, m: int, axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
