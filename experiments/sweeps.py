@@ -7,7 +7,7 @@ without augmentation) and Table 4 (matching algorithms, with their matching time
   python -m experiments.sweeps --config cifar10_resnet20x1_sweeps --sweep calibration --out DIR
   python -m experiments.sweeps --config cifar10_resnet20x1_sweeps --sweep width \\
       --values 0.5,1,2 --out DIR
-  python -m experiments.sweeps --config digits_default:local --sweep beta --out /tmp/beta
+  python -m experiments.sweeps --config digits_default:local --sweep beta --out runs/sweep_beta
 
 Every sweep trains (or restores) the config's source models with the runner's steps
 (``experiments.run``): run r's models are checkpointed in ``CHECKPOINTS/run{r}_task{t}``
