@@ -3,9 +3,9 @@
 For every leaf, W* = sum_m M_m(out) . W_m . U_m(in): each axis that writes a space is
 multiplied by that space's M_m, each axis that reads one by U_m, each variance axis by M_m
 squared. A leaf that writes no merged space (the model's output layer, say) is averaged over
-the models instead. Merges that average groups of features are applied as gathers (each
-weight read a few times); any other M and U as dense per-model blocks. All leaves are zipped
-in one jitted program.
+the models instead. Merges that average groups of features are applied as gathers (every
+group's first member over the whole leaf, further members as small scattered blocks); any
+other M and U as dense per-model blocks. All leaves are zipped in one jitted program.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class Groups(NamedTuple):
 
   For model m and merged feature g, ``idx[m, g, :]`` are model m's members of g (padded with
   index 0), ``mask[m, g, :]`` marks the real ones and ``size[g]`` counts g's members over all
-  models. M_m[g, j] = mask / size and U_m[j, g] = mask, so a zip reads each weight K times
-  (K: most members one model gives one group) instead of multiplying by n x n blocks.
+  models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]`` lists the P groups
+  to which model m gives more than one member (the rest is padding, ``rows_mask`` 0): a zip
+  gathers every group's first member over the whole leaf and the further members of these
+  groups only, instead of multiplying by n x n blocks.
   """
 
   idx: jax.Array  # (N, n, K) int32
