@@ -265,3 +265,24 @@ def test_scatter_add_on_any_axes_equals_numpy(axes):
   got = zipping._scatter_add(jnp.asarray(y), {a: jnp.asarray(r) for a, r in rows.items()},
                              jnp.asarray(block))
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_gather_of_leaves_too_big_for_flat_indices_takes_axis_by_axis(monkeypatch):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 6, 5)).astype(np.float32))
+  ops = {1: (jnp.asarray(rng.integers(0, 6, size=(4, 2)), jnp.int32),
+             jnp.asarray(rng.uniform(size=(4, 2)), jnp.float32)),
+         2: (jnp.asarray(rng.integers(0, 5, size=(5, 3)), jnp.int32),
+             jnp.asarray(rng.uniform(size=(5, 3)), jnp.float32))}
+  flat = zipping._gather(x, ops)
+  monkeypatch.setattr(zipping, "_FLAT_INDEX_LIMIT", 1)
+  by_axis = zipping._gather(x, ops)
+  want = np.asarray(x)
+  for axis, (idx, w) in ops.items():
+    idx, w = np.asarray(idx), np.asarray(w)
+    shape = [1] * 3
+    shape[axis] = idx.shape[0]
+    want = sum(np.take(want, idx[:, k], axis=axis) * w[:, k].reshape(shape)
+               for k in range(idx.shape[1]))
+  np.testing.assert_allclose(flat, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(by_axis, want, rtol=1e-5, atol=1e-6)

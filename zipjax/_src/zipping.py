@@ -108,6 +108,9 @@ def _weight(plan: Groups, m: int, role: str) -> jax.Array:
   return plan.mask[m] / size[:, None]
 
 
+_FLAT_INDEX_LIMIT = 2**31
+
+
 def _gather(x: jax.Array, ops: Mapping[int, tuple[jax.Array, jax.Array]]) -> jax.Array:
   """y[..g..] = sum over members k of w[g, k] * x[..idx[g, k]..], on every axis in ``ops``
   ({axis: (idx (n, K), w (n, K))}) at once.
@@ -120,7 +123,7 @@ def _gather(x: jax.Array, ops: Mapping[int, tuple[jax.Array, jax.Array]]) -> jax
   out_shape = list(shape)
   for axis, (idx, _) in ops.items():
     out_shape[axis] = idx.shape[0]
-  if x.size >= 2**31:  # int32 flat indices would overflow: one axis at a time
+  if x.size >= _FLAT_INDEX_LIMIT:  # int32 flat indices would overflow: one axis at a time
     for axis, (idx, w) in ops.items():
       bshape = [1] * x.ndim
       bshape[axis] = idx.shape[0]
