@@ -175,3 +175,28 @@ def test_symmetrise_equals_plain_formula(dim):
   from zipjax._src import match as match_lib  # pylint: disable=g-import-not-at-top
   a = np.random.default_rng(dim).normal(size=(dim, dim)).astype(np.float32)
   np.testing.assert_array_equal(match_lib._symmetrise(a), (a + a.T) / 2)
+
+
+def test_merge_from_groups_equals_a_loop_over_groups():
+  groups = [[0, 4], [1], [2, 3, 5]]
+  merge = match.merge_from_groups(groups, 6)
+  M = np.zeros((3, 6), np.float32)
+  U = np.zeros((6, 3), np.float32)
+  for g, members in enumerate(groups):
+    for f in members:
+      M[g, f] = np.float32(1.0 / len(members))
+      U[f, g] = 1.0
+  np.testing.assert_array_equal(merge.M, M)
+  np.testing.assert_array_equal(merge.U, U)
+  assert merge.M.dtype == merge.U.dtype == np.float32
+
+
+@pytest.mark.parametrize("groups,message", [
+    ([[0, 1], [2], []], "Group 2 of 3 is empty"),
+    ([[0, 1], [1, 2], [3]], "feature 1 is in 2"),
+    ([[0, 1], [3]], "feature 2 is in 0"),
+    ([[0, 1], [2, 4]], r"features 0..3; got \[4\]"),
+])
+def test_merge_from_groups_rejects_groups_that_do_not_split_the_features(groups, message):
+  with pytest.raises(ValueError, match=message):
+    match.merge_from_groups(groups, 4)

@@ -12,6 +12,7 @@ transformations::
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, NamedTuple, Protocol, Sequence
 
@@ -44,13 +45,29 @@ class Matcher(Protocol):
 
 
 def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> Merge:
-  """The Merge whose merged feature g averages the features ``groups[g]``."""
+  """The Merge whose merged feature g averages the features ``groups[g]``.
+
+  The groups must split the features 0..dim-1: each feature in exactly one group.
+  """
   n = len(groups)
+  sizes = np.fromiter(map(len, groups), np.int64, n)
+  if n and sizes.min() == 0:
+    raise ValueError(f"Group {int(np.argmin(sizes))} of {n} is empty; every merged feature "
+                     "needs at least one member.")
+  members = np.fromiter(itertools.chain.from_iterable(groups), np.int64, int(sizes.sum()))
+  if len(members) and (members.min() < 0 or members.max() >= dim):
+    bad = members[(members < 0) | (members >= dim)]
+    raise ValueError(f"Group members must be features 0..{dim - 1}; got {bad[:5].tolist()}.")
+  count = np.bincount(members, minlength=dim)
+  if (count != 1).any():
+    f = int(np.flatnonzero(count != 1)[0])
+    raise ValueError(f"The groups must split features 0..{dim - 1}, each in exactly one "
+                     f"group; feature {f} is in {count[f]}.")
+  group = np.repeat(np.arange(n), sizes)
   M = np.zeros((n, dim), np.float32)
   U = np.zeros((dim, n), np.float32)
-  for g, members in enumerate(groups):
-    M[g, list(members)] = 1.0 / len(members)
-    U[list(members), g] = 1.0
+  M[group, members] = 1.0 / sizes[group]
+  U[members, group] = 1.0
   return Merge(M, U)
 
 
@@ -103,12 +120,12 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   as long as the next row's pair is provably the pair the plain loop would pick next: neither
   of its rows took part in a merge of this batch, no merged feature of this batch has a value
   that reaches it (a merged feature's values can exceed its members' where correlations are
-  negative), and no model's same-model budget ran out. Then the disturbed rows are
-  recomputed and the rows are sorted again: most merges cost a few O(N*n) row operations,
-  and a handful of sorts serve all of them.
+  negative), and no model's same-model budget ran out. A batch's merged rows are computed
+  together, as array operations; then the disturbed rows are recomputed and the rows are
+  sorted again: a handful of sorts serve all merges.
 
-  The diagonal is -inf in C; merged-away features are masked when a row is read (their
-  columns are never written), and a model's own block once its budget is spent.
+  The diagonal is -inf in C. Merged-away features are masked when a row is read (their rows
+  and columns are never written again), and a model's own block once its budget is spent.
   """
   dim = corr.shape[0]
   n = dim // num_models
@@ -117,15 +134,17 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   np.fill_diagonal(C, neg)
   owner = np.arange(dim) // n
   active = np.ones(dim, bool)
-  budget = np.full(num_models, same_model_budget(beta, num_models, n))
+  budget = [same_model_budget(beta, num_models, n)] * num_models
   members: list[list[int]] = [[i] for i in range(dim)]
   gone = np.zeros(dim, C.dtype)  # -inf at merged-away features: added to a row, masks them
 
   def without_spent(vals: np.ndarray, rows: np.ndarray,
                     cols: np.ndarray | None = None) -> np.ndarray:
-    """vals (C at rows x cols, all columns by default) with the pairs of models out of budget
-    at -inf."""
-    for o in np.flatnonzero(budget == 0):
+    """vals (pairs of rows x cols, all columns by default) with the pairs of models out of
+    budget at -inf."""
+    for o in range(num_models):
+      if budget[o]:
+        continue
       mine = np.flatnonzero(owner[rows] == o)
       if len(mine):
         theirs = (np.arange(o * n, (o + 1) * n) if cols is None
@@ -140,68 +159,111 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
     arg = vals.argmax(1)
     return vals[np.arange(len(rows)), arg], arg
 
-  rowmax, rowarg = row_maxima(np.arange(dim))
+  if all(budget):  # nothing is masked yet: no copy of C
+    rowarg = C.argmax(1)
+    rowmax = C[np.arange(dim), rowarg]
+  else:
+    rowmax, rowarg = row_maxima(np.arange(dim))
   merges_left = dim - n
   while merges_left:
+    # Candidates: rows in order of their maxima while no two share a feature and no budget
+    # runs out (the last candidate may spend one).
     order = np.lexsort((np.arange(dim), -rowmax))
-    changed: list[int] = []  # the surviving rows (i) of this batch's merges
-    touched: set[int] = set()
-    max_new = neg
-    spent = -1
+    rows: list[int] = []
+    cols: list[int] = []
+    taken: set[int] = set()
+    away: set[int] = set()
+    left = list(budget)
     for r in order.tolist():
-      if not merges_left or spent >= 0:
+      if len(rows) == merges_left:
         break
-      if not active[r]:
-        continue  # merged away in this batch
-      v = rowmax[r]
+      if not active[r] or r in away:
+        continue  # merged away before or in this batch
       c = int(rowarg[r])
-      if r in touched or c in touched or c < r or not v > max_new or v == neg:
+      if r in taken or c in taken or c < r or rowmax[r] == neg:
         break
-      i, j = r, c
+      rows.append(r)
+      cols.append(c)
+      taken.update((r, c))
+      away.add(c)
+      o = owner[r]
+      if owner[c] == o:
+        left[o] -= 1
+        if not left[o]:
+          break
+    if not rows:
+      raise RuntimeError("greedy matching ran out of allowed pairs; please report this.")
+    I = np.asarray(rows)
+    J = np.asarray(cols)
+    k = len(I)
+    # The candidates' merged rows, as if each were merged in turn. ``new`` holds them as
+    # of the batch's start (the diagonal is -inf, as min(-inf, x)). Between two merged
+    # features of the batch the value is cross: alpha * min(alpha * min(...)) over their
+    # four member pairs, the same whichever merges first (rounding is monotonic).
+    new = np.minimum(C[I], C[J])
+    new *= alpha
+    before = np.tri(k, k, -1, bool)  # before[p, q]: q merges before p
+    at_i = np.take(new, I, 1)
+    cross = np.minimum(at_i, np.take(new, J, 1))
+    cross *= alpha
+    # Candidate p is the plain loop's next pick only if its value beats every value of the
+    # features merged before it in the batch, with what they may still pair with.
+    if k > 1:
+      batch = gone.copy()
+      batch[I] = neg
+      batch[J] = neg
+      reach = without_spent(new + batch, I).max(1)
+      among = np.where(before, cross, at_i)  # the merged p with the features I[q]
+      np.fill_diagonal(among, neg)
+      reach = np.maximum(reach, without_spent(among, I, I).max(1))
+      later_j = np.where(before.T, np.take(new, J, 1), neg)  # with J[q], q merging after p
+      reach = np.maximum(reach, without_spent(later_j, I, J).max(1))
+      beats = rowmax[I[1:]] > np.maximum.accumulate(reach[:-1])
+      if not beats.all():
+        k = 1 + int(np.argmin(beats))
+        I, J, new, cross = I[:k], J[:k], new[:k], cross[:k, :k]
+    # Merge the first k.
+    spent = -1
+    for i, j in zip(I.tolist(), J.tolist()):
       o = owner[i]
       if owner[j] == o:
         budget[o] -= 1
-        if budget[o] == 0:
+        if not budget[o]:
           spent = o
-      gone[j] = neg
-      new = np.minimum(C[i], C[j])
-      new *= alpha
-      new += gone
-      new[i] = neg
-      C[i] = new
-      C[:, i] = new  # strided, but a plain slice: the largest cost of a merge
-      active[j] = False
       members[i] += members[j]
       members[j] = []
-      rowmax[j] = neg
-      if budget[o] > 0:
-        max_new = max(max_new, new.max())
-      else:  # the merged feature may not pair with its own model's features
-        max_new = max(max_new, new[:o * n].max(initial=neg), new[(o + 1) * n:].max(initial=neg))
-      touched.update((i, j))
-      changed.append(i)
-      merges_left -= 1
-    if not changed:
-      raise RuntimeError("greedy matching ran out of allowed pairs; please report this.")
-    cols = np.sort(np.asarray(changed))
+    gone[J] = neg
+    active[J] = False
+    rowmax[J] = neg
+    merges_left -= k
     if not merges_left:
       break
+    alive = np.flatnonzero(active)
+    C[I] = new
+    # The columns, for the features still active (a contiguous transposed copy first: the
+    # scatter then writes row by row).
+    columns = np.take(new, alive, 1).T.copy()
+    columns[np.searchsorted(alive, I)] = cross
+    C[np.ix_(alive, I)] = columns
     # Rows whose maximum is unknown now: the merged rows, rows whose maximum was in a merged
     # row, and, where a budget ran out, that model's rows.
-    live = np.flatnonzero(active)
-    redo = np.isin(rowarg[live], list(touched)) | np.isin(live, cols)
+    touched = np.zeros(dim, bool)
+    touched[I] = True
+    touched[J] = True
+    redo = touched[rowarg[alive]] | touched[alive]
     if spent >= 0:
-      redo |= owner[live] == spent
-    stale = live[redo]
+      redo |= owner[alive] == spent
+    stale = alive[redo]
     if len(stale):
       rowmax[stale], rowarg[stale] = row_maxima(stale)
     # The other rows keep their maxima unless a merged row's new value beats it.
-    fresh = live[~redo]
+    fresh = alive[~redo]
     if len(fresh):
-      vals = without_spent(C[cols][:, fresh].T, fresh, cols)
-      best = vals.argmax(1)
-      v = vals[np.arange(len(fresh)), best]
-      col = cols[best]
+      by_col = np.argsort(I)
+      vals = without_spent(np.take(new[by_col], fresh, 1), I[by_col], fresh)
+      best = vals.argmax(0)
+      v = vals[best, np.arange(len(fresh))]
+      col = I[by_col][best]
       better = (v > rowmax[fresh]) | ((v == rowmax[fresh]) & (col < rowarg[fresh]))
       rowmax[fresh[better]] = v[better]
       rowarg[fresh[better]] = col[better]
