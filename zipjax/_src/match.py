@@ -63,11 +63,26 @@ def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> Merge:
     f = int(np.flatnonzero(count != 1)[0])
     raise ValueError(f"The groups must split features 0..{dim - 1}, each in exactly one "
                      f"group; feature {f} is in {count[f]}.")
-  group = np.repeat(np.arange(n), sizes)
-  M = np.zeros((n, dim), np.float32)
-  U = np.zeros((dim, n), np.float32)
-  M[group, members] = 1.0 / sizes[group]
-  U[members, group] = 1.0
+  group = np.empty(dim, np.int64)
+  group[members] = np.repeat(np.arange(n), sizes)
+  return _merge_from_labels(group, sizes)
+
+
+def _merge_from_roots(root: np.ndarray) -> Merge:
+  """The Merge of the groups of features with the same root (one of the group's features);
+  groups in the order of their roots."""
+  _, group, sizes = np.unique(root, return_inverse=True, return_counts=True)
+  return _merge_from_labels(group, sizes)
+
+
+def _merge_from_labels(group: np.ndarray, sizes: np.ndarray) -> Merge:
+  """The Merge that puts feature f in group ``group[f]``, of ``sizes[g]`` features."""
+  dim = len(group)
+  features = np.arange(dim)
+  M = np.zeros((len(sizes), dim), np.float32)
+  U = np.zeros((dim, len(sizes)), np.float32)
+  M[group, features] = 1.0 / sizes[group]
+  U[features, group] = 1.0
   return Merge(M, U)
 
 
@@ -110,9 +125,11 @@ def same_model_budget(beta: float, num_models: int, width: int) -> int:
 # Greedy (ZipIt!)
 
 
-def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
-                   beta: float) -> list[list[int]]:
+def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) -> np.ndarray:
   """The paper's greedy matching, with per-row maxima and merges taken in batches.
+
+  Returns, for each feature, the lowest feature of its group (where the group's merged row
+  is kept).
 
   Identical in result to :func:`greedy_reference` (the plain loop: argmax over the whole
   matrix per merge). Each active row keeps its maximum over the pairs it may still make.
@@ -135,7 +152,7 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   owner = np.arange(dim) // n
   active = np.ones(dim, bool)
   budget = [same_model_budget(beta, num_models, n)] * num_models
-  members: list[list[int]] = [[i] for i in range(dim)]
+  into = np.arange(dim)  # the feature each one merged into (itself while active)
   gone = np.zeros(dim, C.dtype)  # -inf at merged-away features: added to a row, masks them
 
   def without_spent(vals: np.ndarray, rows: np.ndarray,
@@ -168,26 +185,27 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
   while merges_left:
     # Candidates: rows in order of their maxima while no two share a feature and no budget
     # runs out (the last candidate may spend one).
-    order = np.lexsort((np.arange(dim), -rowmax))
+    order = np.argsort(-rowmax, kind="stable")  # ties: lowest row first
+    order = order[active[order]]
+    partner = rowarg[order]
+    last = (partner < order) | (rowmax[order] == neg)  # the batch stops at such a row
+    own = owner[order]
+    own_pair = own == owner[partner]
     rows: list[int] = []
     cols: list[int] = []
-    taken: set[int] = set()
-    away: set[int] = set()
+    taken: set[int] = set()  # the features of this batch's merges
     left = list(budget)
-    for r in order.tolist():
-      if len(rows) == merges_left:
-        break
-      if not active[r] or r in away:
-        continue  # merged away before or in this batch
-      c = int(rowarg[r])
-      if r in taken or c in taken or c < r or rowmax[r] == neg:
+    for r, c, stop, o, same in zip(order.tolist(), partner.tolist(), last.tolist(),
+                                   own.tolist(), own_pair.tolist()):
+      if r in taken:
+        continue  # merged away in this batch
+      if stop or c in taken or len(rows) == merges_left:
         break
       rows.append(r)
       cols.append(c)
-      taken.update((r, c))
-      away.add(c)
-      o = owner[r]
-      if owner[c] == o:
+      taken.add(r)
+      taken.add(c)
+      if same:
         left[o] -= 1
         if not left[o]:
           break
@@ -224,14 +242,11 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
         I, J, new, cross = I[:k], J[:k], new[:k], cross[:k, :k]
     # Merge the first k.
     spent = -1
-    for i, j in zip(I.tolist(), J.tolist()):
-      o = owner[i]
-      if owner[j] == o:
-        budget[o] -= 1
-        if not budget[o]:
-          spent = o
-      members[i] += members[j]
-      members[j] = []
+    for o in owner[I[owner[I] == owner[J]]].tolist():
+      budget[o] -= 1
+      if not budget[o]:
+        spent = o
+    into[J] = I
     gone[J] = neg
     active[J] = False
     rowmax[J] = neg
@@ -267,7 +282,11 @@ def _greedy_groups(corr: np.ndarray, num_models: int, alpha: float,
       better = (v > rowmax[fresh]) | ((v == rowmax[fresh]) & (col < rowarg[fresh]))
       rowmax[fresh[better]] = v[better]
       rowarg[fresh[better]] = col[better]
-  return [members[i] for i in np.flatnonzero(active)]
+  while True:  # follow merged-away features to their merged feature
+    hop = into[into]
+    if np.array_equal(hop, into):
+      return into
+    into = hop
 
 
 def greedy_reference(corr: np.ndarray, *, num_models: int, alpha: float = 0.5,
@@ -317,7 +336,7 @@ def greedy(*, alpha: float = 0.5, beta: float = 0.5) -> Matcher:
 
   def matcher(corr, *, num_models: int) -> Merge:
     corr, _ = _check_corr(corr, num_models, np.float32)
-    return merge_from_groups(_greedy_groups(corr, num_models, alpha, beta), corr.shape[0])
+    return _merge_from_roots(_greedy_roots(corr, num_models, alpha, beta))
 
   matcher.__name__ = f"greedy(alpha={alpha}, beta={beta})"
   return matcher
