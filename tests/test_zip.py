@@ -10,6 +10,7 @@ import zipjax
 from zipjax import match
 from zipjax import models
 from zipjax import spec as S
+from zipjax._src import match as match_lib
 from zipjax._src import spec as spec_lib
 from zipjax._src import zipping
 from tests import zoo
@@ -249,6 +250,27 @@ def test_as_groups_is_exactly_the_merge():
       np.testing.assert_array_equal(dense, ub.T)
       np.testing.assert_array_equal(dense / size[:, None], mb)
   assert zipping.as_groups(_soft_merge(16, 2, 0)) is None
+
+
+def test_as_groups_of_merges_built_from_groups_equals_the_scan_of_m_and_u():
+  corr = _random_corr(48, 1)
+  for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity(),
+                  match.permute()):
+    merge = matcher(corr, num_models=3)
+    assert match_lib.merge_groups(merge) is not None  # the fast path is taken
+    plain = match.Merge(merge.M.copy(), merge.U.copy())
+    assert match_lib.merge_groups(plain) is None  # writeable arrays: scanned
+    for fast, scanned in zip(zipping.as_groups(merge), zipping.as_groups(plain)):
+      np.testing.assert_array_equal(fast, scanned)
+
+
+def test_merges_built_from_groups_are_read_only():
+  merge = match.merge_from_groups([[0, 2], [1, 3]], 4)
+  with pytest.raises(ValueError, match="read-only"):
+    merge.M[0, 0] = 1.0
+  with pytest.raises(ValueError, match="read-only"):
+    merge.U[0, 0] = 0.0
+  assert repr(merge).startswith("Merge(M=")
 
 
 @pytest.mark.parametrize("axes", [(1,), (0, 1), (0, 2), (1, 2)])

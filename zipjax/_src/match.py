@@ -21,7 +21,11 @@ import scipy.optimize
 
 
 class Merge(NamedTuple):
-  """How one space is merged. M: (n, N*n), U: (N*n, n), both float32."""
+  """How one space is merged. M: (n, N*n), U: (N*n, n), both float32.
+
+  The merges that zipjax's matchers and :func:`merge_from_groups` build hold read-only M and
+  U and remember their groups, which spares applying them a scan of M and U.
+  """
 
   M: np.ndarray
   U: np.ndarray
@@ -36,6 +40,26 @@ class Merge(NamedTuple):
     ms = [self.M[:, m * n:(m + 1) * n] for m in range(self.num_models)]
     us = [self.U[m * n:(m + 1) * n, :] for m in range(self.num_models)]
     return ms, us
+
+
+class _GroupMerge(Merge):
+  """A Merge built from groups: ``group[f]`` is feature f's merged feature; M and U are
+  read-only, so the two cannot disagree."""
+
+  group: np.ndarray
+
+  def __repr__(self) -> str:
+    return "Merge" + super().__repr__().removeprefix(type(self).__name__)
+
+
+def merge_groups(merge: Merge) -> np.ndarray | None:
+  """Each feature's merged feature, if ``merge`` was built from groups and still holds the
+  read-only arrays it was built with; else None."""
+  group = getattr(merge, "group", None)
+  if (group is None or not isinstance(merge.M, np.ndarray) or merge.M.flags.writeable
+      or not isinstance(merge.U, np.ndarray) or merge.U.flags.writeable):
+    return None
+  return group
 
 
 class Matcher(Protocol):
@@ -83,7 +107,12 @@ def _merge_from_labels(group: np.ndarray, sizes: np.ndarray) -> Merge:
   U = np.zeros((dim, len(sizes)), np.float32)
   M[group, features] = 1.0 / sizes[group]
   U[features, group] = 1.0
-  return Merge(M, U)
+  group = group.copy()
+  for a in (M, U, group):
+    a.flags.writeable = False
+  merge = _GroupMerge(M, U)
+  merge.group = group
+  return merge
 
 
 def _check_corr(corr, num_models: int, dtype=np.float64) -> tuple[np.ndarray, int]:

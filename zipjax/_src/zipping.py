@@ -52,22 +52,27 @@ class Groups(NamedTuple):
 def as_groups(merge: match_lib.Merge) -> Groups | None:
   """The Groups form of ``merge``, or None if it is not an averaging of feature groups (a
   matcher may return any M and U; those are zipped with dense blocks)."""
-  M = np.ascontiguousarray(merge.M, np.float32)
-  U = np.ascontiguousarray(merge.U, np.float32)
-  n, dim = M.shape
+  n, dim = merge.M.shape
   num = dim // n
-  owner = U.argmax(1)
-  # Counting nonzero bit patterns is 10 times faster than counting nonzero floats; -0.0 counts
-  # as nonzero, which only sends such a merge to the dense path.
-  if (np.count_nonzero(U.view(np.int32)) != dim or not np.all(U[np.arange(dim), owner] == 1.0)
-      or np.count_nonzero(M.view(np.int32)) != dim):
-    return None
-  size = np.bincount(owner, minlength=n)
-  if not np.all(size > 0):
-    return None
-  inv = (1.0 / size).astype(np.float32)
-  if not np.array_equal(M[owner, np.arange(dim)], inv[owner]):
-    return None
+  owner = match_lib.merge_groups(merge)  # known for merges built from groups: no scan
+  if owner is not None:
+    size = np.bincount(owner, minlength=n)
+  else:
+    M = np.ascontiguousarray(merge.M, np.float32)
+    U = np.ascontiguousarray(merge.U, np.float32)
+    owner = U.argmax(1)
+    # Counting nonzero bit patterns is 10 times faster than counting nonzero floats; -0.0
+    # counts as nonzero, which only sends such a merge to the dense path.
+    if (np.count_nonzero(U.view(np.int32)) != dim
+        or not np.all(U[np.arange(dim), owner] == 1.0)
+        or np.count_nonzero(M.view(np.int32)) != dim):
+      return None
+    size = np.bincount(owner, minlength=n)
+    if not np.all(size > 0):
+      return None
+    inv = (1.0 / size).astype(np.float32)
+    if not np.array_equal(M[owner, np.arange(dim)], inv[owner]):
+      return None
   local = owner.reshape(num, n)
   counts = np.stack([np.bincount(g, minlength=n) for g in local])
   k = int(counts.max())
