@@ -74,24 +74,22 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
     if not np.array_equal(M[owner, np.arange(dim)], inv[owner]):
       return None
   local = owner.reshape(num, n)
-  counts = np.stack([np.bincount(g, minlength=n) for g in local])
+  models = np.arange(num)[:, None]
+  counts = np.bincount((models * n + local).ravel(), minlength=num * n).reshape(num, n)
   k = int(counts.max())
+  order = np.argsort(local, axis=1, kind="stable")  # each model's features, group by group
+  sorted_g = np.take_along_axis(local, order, 1)
+  rank = np.arange(n) - np.take_along_axis(np.cumsum(counts, 1) - counts, sorted_g, 1)
   idx = np.zeros((num, n, k), np.int32)
   mask = np.zeros((num, n, k), np.float32)
-  for m, g in enumerate(local):
-    order = np.argsort(g, kind="stable")
-    sorted_g = g[order]
-    rank = np.arange(n) - (np.cumsum(counts[m]) - counts[m])[sorted_g]
-    idx[m, sorted_g, rank] = order
-    mask[m, sorted_g, rank] = 1.0
-  multi = [np.flatnonzero(c > 1) for c in counts]
-  # Padded with other groups (weight 0), so each model's rows are distinct and sorted.
-  rows = np.zeros((num, max(len(r) for r in multi)), np.int32)
-  rows_mask = np.zeros(rows.shape, np.float32)
-  for m, r in enumerate(multi):
-    pad = np.setdiff1d(np.arange(n), r)[:rows.shape[1] - len(r)]
-    rows[m] = np.sort(np.concatenate([r, pad]))
-    rows_mask[m] = np.isin(rows[m], r)
+  idx[models, sorted_g, rank] = order
+  mask[models, sorted_g, rank] = 1.0
+  # The groups a model gives several members, padded with its lowest other groups (weight 0)
+  # to one length, so each model's rows are distinct and sorted.
+  several = counts > 1
+  first = np.argsort(np.where(several, 0, n) + np.arange(n), axis=1)
+  rows = np.sort(first[:, :int(several.sum(1).max())], axis=1).astype(np.int32)
+  rows_mask = np.take_along_axis(several, rows, 1).astype(np.float32)
   return Groups(idx, mask, size.astype(np.float32), rows, rows_mask)
 
 
