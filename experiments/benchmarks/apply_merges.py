@@ -55,7 +55,7 @@ SETTINGS = {
     "quick": Settings(cases=(Case("resnet20", 2, 10, 32),), merges=("identity", "greedy"),
                       repeats=3, budget_s=5.0),
     "full": Settings(cases=(Case("resnet20", 8, 10, 32), Case("resnet50", 1, 1000, 64)),
-                     merges=("identity", "greedy"), repeats=3, budget_s=12.0),
+                     merges=("identity", "greedy"), repeats=7, budget_s=25.0),
 }
 
 
