@@ -19,15 +19,23 @@ def resnet_pair():
   return spec, va, vb, [x[:8], x[8:]]
 
 
-def test_stats_equal_numpy_float64(resnet_pair):
-  spec, va, vb, data = resnet_pair
-  stats = zipjax.compute_stats(spec, [va, vb], data)
+@pytest.mark.parametrize("width,num_models", [(0.5, 2), (1.0, 3)])
+def test_stats_equal_numpy_float64(width, num_models):
+  # Width 1 has spaces of 16, 32 and 64 channels: second moments block by block (up to 32)
+  # and in one product of the concatenated features (64).
+  model, spec = models.resnet20(width=width)
+  data = list(jax.random.normal(jax.random.key(0), (2, 6, 16, 16, 3)))
+  variables = [model.init(jax.random.key(1 + m), data[0][:2]) for m in range(num_models)]
+  stats = zipjax.compute_stats(spec, variables, data)
+  widths = {spec.width(n) for n in ("stage1", "stage2_block1", "stage3")}
+  assert min(widths) <= stats_lib._BLOCKS_MAX_WIDTH  # pylint: disable=protected-access
+  if width == 1.0:
+    assert max(widths) > stats_lib._BLOCKS_MAX_WIDTH  # pylint: disable=protected-access
   for name in ("stage1", "stage2_block1", "stage3"):
     samples = []
     for x in data:
-      fa, fb = spec.features(va, x)[name], spec.features(vb, x)[name]
       per_model = [np.concatenate([np.asarray(f, np.float64).reshape(-1, f.shape[-1])
-                                   for f in feats]) for feats in (fa, fb)]
+                                   for f in spec.features(v, x)[name]]) for v in variables]
       samples.append(np.concatenate(per_model, axis=1))
     f = np.concatenate(samples)
     s = stats[name]
