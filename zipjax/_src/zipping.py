@@ -213,8 +213,38 @@ def _transform(x: jax.Array, m: int, axes: Sequence[tuple[int, Any, str]]) -> ja
   return _groups_apply(x, m, gathers) if gathers else x
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+_LEAVES_PER_PROGRAM = 32
+
+
 def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: Mapping) -> tuple[dict, dict]:
+  """:func:`_zip_leaves_program` over the leaves in programs of at most
+  ``_LEAVES_PER_PROGRAM`` leaves: compiling all the leaves of a ResNet-50 with greedy merges
+  as one program took 700-960 MiB (more than the models and their statistics) and 17-23 s;
+  programs of 32 leaves took 180 MiB at most, about as long, and run as fast."""
+  out, finite = {}, {}
+  for paths, spaces in _programs(spec, tuple((p, x.ndim) for p, x in flats[0].items())):
+    leaves, flags = _zip_leaves_program(spec, trunk, tuple({p: f[p] for p in paths}
+                                                           for f in flats),
+                                        {name: plans[name] for name in spaces if name in plans})
+    out.update(leaves)
+    finite.update(flags)
+  return out, finite
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(spec, leaves: tuple) -> list[tuple[tuple, tuple]]:
+  """The leaves ((path, ndim), ...) split into programs: (paths, spaces they use)."""
+  programs = []
+  for start in range(0, len(leaves), _LEAVES_PER_PROGRAM):
+    chunk = leaves[start:start + _LEAVES_PER_PROGRAM]
+    spaces = {ax.space for p, ndim in chunk for ax in spec.leaf_axes(p, ndim).values()}
+    programs.append((tuple(p for p, _ in chunk), tuple(sorted(spaces))))
+  return programs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
+                        plans: Mapping) -> tuple[dict, dict]:
   """Zips trunk leaves (all leaves if ``trunk`` is None); head leaves stay per model (stacked
   on a leading axis), with their axes that read a merged space transformed by U_m. Also
   returns, per leaf, whether every model's values are finite (checked in the same program).
