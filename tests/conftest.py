@@ -4,8 +4,8 @@ Compiled programs are dropped after a test module once the process holds many me
 mappings. On the CPU every compiled XLA program keeps its code in mappings of its own (a
 small ResNet zip adds some 2000; tests/test_zip.py alone leaves 22000), and a process may hold
 at most vm.max_map_count of them (65530 by default): the whole suite in one process went past
-that, and XLA then crashed while compiling (a segfault in test_zip). Dropping them after every
-module instead made the suite 3 minutes slower (recompiles).
+that, and XLA then crashed while compiling (a segfault in test_zip). Programs are kept while
+there is room, so modules that share them do not compile them again.
 """
 
 import os
