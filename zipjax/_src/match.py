@@ -107,8 +107,7 @@ def _merge_from_labels(group: np.ndarray, sizes: np.ndarray) -> Merge:
   U = np.zeros((dim, len(sizes)), np.float32)
   M[group, features] = 1.0 / sizes[group]
   U[features, group] = 1.0
-  group = group.copy()
-  for a in (M, U, group):
+  for a in (M, U, group):  # the callers' own fresh arrays
     a.flags.writeable = False
   merge = _GroupMerge(M, U)
   merge.group = group
