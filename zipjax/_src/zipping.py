@@ -39,14 +39,18 @@ class Groups(NamedTuple):
   models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]`` lists the P groups
   to which model m gives more than one member (the rest is padding, ``rows_mask`` 0): a zip
   gathers every group's first member over the whole leaf and the further members of these
-  groups only, instead of multiplying by n x n blocks.
+  groups only, instead of multiplying by n x n blocks. ``rows_idx``, ``rows_mask`` and
+  ``rows_size`` are those groups' further members, their weights (0 for the padding) and
+  sizes, taken out on the host so that the zip kernel does no index arithmetic.
   """
 
   idx: jax.Array  # (N, n, K) int32
   mask: jax.Array  # (N, n, K) float32
   size: jax.Array  # (n,) float32
   rows: jax.Array  # (N, P) int32: the groups model m gives several members, padded, sorted
-  rows_mask: jax.Array  # (N, P) float32: 0 for the padding
+  rows_idx: jax.Array  # (N, P, K - 1) int32: their further members
+  rows_mask: jax.Array  # (N, P, K - 1) float32: 1 for a real further member, else 0
+  rows_size: jax.Array  # (N, P) float32: their sizes
 
 
 def as_groups(merge: match_lib.Merge) -> Groups | None:
@@ -89,8 +93,11 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   several = counts > 1
   first = np.argsort(np.where(several, 0, n) + np.arange(n), axis=1)
   rows = np.sort(first[:, :int(several.sum(1).max())], axis=1).astype(np.int32)
-  rows_mask = np.take_along_axis(several, rows, 1).astype(np.float32)
-  return Groups(idx, mask, size.astype(np.float32), rows, rows_mask)
+  rows_idx = np.take_along_axis(idx[:, :, 1:], rows[:, :, None], 1)
+  rows_mask = (np.take_along_axis(mask[:, :, 1:], rows[:, :, None], 1)
+               * np.take_along_axis(several, rows, 1)[:, :, None])
+  size = size.astype(np.float32)
+  return Groups(idx, mask, size, rows, rows_idx, rows_mask, size[rows])
 
 
 def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | tuple]:
@@ -103,12 +110,13 @@ def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | 
   return jax.device_put(out)
 
 
-def _weight(plan: Groups, m: int, role: str) -> jax.Array:
-  """(n, K) weights of model m's members: U_m (IN), M_m (OUT) or M_m squared (VAR)."""
+def _weight(mask: jax.Array, size: jax.Array, role: str) -> jax.Array:
+  """Weights of members (mask (..., K) of groups of the given sizes (...)): U_m (IN), M_m
+  (OUT) or M_m squared (VAR)."""
   if role == spec_lib.IN:
-    return plan.mask[m]
-  size = plan.size if role == spec_lib.OUT else plan.size * plan.size
-  return plan.mask[m] / size[:, None]
+    return mask
+  size = size if role == spec_lib.OUT else size * size
+  return mask / size[..., None]
 
 
 _FLAT_INDEX_LIMIT = 2**31
@@ -153,64 +161,78 @@ def _gather(x: jax.Array, ops: Mapping[int, tuple[jax.Array, jax.Array]]) -> jax
   return functools.reduce(jnp.add, terms)
 
 
-def _scatter_add(y: jax.Array, rows: Mapping[int, jax.Array], block: jax.Array) -> jax.Array:
-  """y with ``block`` added at the given rows of the given axes ({axis: (P,) sorted, distinct
-  indices})."""
-  axes = sorted(rows)
-  front = list(range(len(axes)))
-  if axes != list(range(axes[0], axes[0] + len(axes))):  # keep the indexed axes adjacent
-    moved = _scatter_add(jnp.moveaxis(y, axes, front),
-                         {i: rows[a] for i, a in enumerate(axes)},
-                         jnp.moveaxis(block, axes, front))
-    return jnp.moveaxis(moved, front, axes)
-  index = [slice(None)] * y.ndim
-  for i, a in enumerate(axes):
-    shape = [1] * len(axes)
-    shape[i] = rows[a].shape[0]
-    index[a] = rows[a].reshape(shape)
-  return y.at[tuple(index)].add(block)
+def _scatter_add(y: jax.Array, axis: int, rows: jax.Array, block: jax.Array) -> jax.Array:
+  """y with ``block`` added at ``rows`` of ``axis`` (in any order; repeats add up). The
+  rows come from :func:`as_groups`, in bounds: no index clamping is compiled."""
+  others = tuple(a for a in range(y.ndim) if a != axis)
+  dnums = jax.lax.ScatterDimensionNumbers(update_window_dims=others,
+                                          inserted_window_dims=(axis,),
+                                          scatter_dims_to_operand_dims=(axis,))
+  return jax.lax.scatter_add(y, rows[:, None], block, dnums,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _groups_apply(x: jax.Array, m: int, axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
-  """Model m's side of group-average merges on every axis in ``axes`` ({axis: (groups,
-  role)}).
+def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
+                  axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
+  """The sum over models m in ``ms`` of model m's side of group-average merges, applied on
+  every axis in ``axes`` ({axis: (groups, role)}) to its leaf ``xs[i]``.
 
-  The first member of every group on every axis is one fused gather pass. The further
-  members exist only for the few groups a model gives several members; for each set S of
-  axes, the terms with further members on S are computed for those groups only (a block as
-  small as they are) and scatter-added in place, so a merge with such groups still costs
-  about one pass over the leaf.
+  The first member of every group on every axis, for all the models, is one fused gather
+  pass. The further members exist only for the few groups a model gives several members.
+  The other member combinations are split by the first axis a (in order) with a further
+  member: first members on the axes before a, the further members of a's groups that have
+  them, every member on the axes after a. For each axis, the models' blocks of such terms
+  (as small as those groups) are computed in one fused gather and scatter-added in place
+  with one scatter. A merge with such groups so costs about one pass over the leaf, and
+  compiles to 1 + 2 x (axes) operations whatever the number of models.
   """
-  first, extra = {}, {}
-  for axis, (g, role) in axes.items():
-    w = _weight(g, m, role)
-    first[axis] = (g.idx[m, :, :1], w[:, :1])
-    if g.idx.shape[2] > 1 and g.rows.shape[1]:
-      rows = g.rows[m]
-      extra[axis] = (rows, g.idx[m][rows][:, 1:], w[rows][:, 1:] * g.rows_mask[m][:, None])
-  y = _gather(x, first)
-  for r in range(1, len(extra) + 1):
-    for subset in itertools.combinations(sorted(extra), r):
-      ops = dict(first)
-      ops.update({a: extra[a][1:] for a in subset})
-      y = _scatter_add(y, {a: extra[a][0] for a in subset}, _gather(x, ops))
+  first, every, extra = [], [], []
+  for m in ms:
+    first.append({}), every.append({}), extra.append({})
+    for axis, (g, role) in axes.items():
+      w = _weight(g.mask[m], g.size, role)
+      first[-1][axis] = (g.idx[m, :, :1], w[:, :1])
+      every[-1][axis] = (g.idx[m], w)
+      if g.idx.shape[2] > 1 and g.rows.shape[1]:
+        extra[-1][axis] = (g.rows[m], g.rows_idx[m],
+                           _weight(g.rows_mask[m], g.rows_size[m], role))
+  models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
+  y = functools.reduce(jnp.add, [_gather(xs[i], first[i]) for i in models])
+  order = sorted(extra[0])
+  for j, a in enumerate(order):
+    blocks = []
+    for i in models:
+      ops = dict(first[i])
+      ops[a] = extra[i][a][1:]
+      ops.update({b: every[i][b] for b in order[j + 1:]})
+      blocks.append(_gather(xs[i], ops))
+    g = axes[a][0]
+    rows = (g.rows.reshape(-1) if list(ms) == list(range(g.rows.shape[0]))  # no copy
+            else jnp.concatenate([extra[i][a][0] for i in models]))
+    y = _scatter_add(y, a, rows, jnp.concatenate(blocks, axis=a))
   return y
 
 
-def _transform(x: jax.Array, m: int, axes: Sequence[tuple[int, Any, str]]) -> jax.Array:
-  """Applies model m's side of each (axis, plan, role) to model m's leaf x: M_m (role OUT),
-  M_m squared (VAR) or U_m transposed (IN)."""
+def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
+               axes: Sequence[tuple[int, Any, str]]) -> jax.Array:
+  """The sum over models m in ``ms`` of model m's side of each (axis, plan, role) applied
+  to its leaf ``xs[i]``: M_m (role OUT), M_m squared (VAR) or U_m transposed (IN)."""
   gathers = {}
+  xs = list(xs)
   for axis, plan, role in axes:
     if isinstance(plan, Groups):
       gathers[axis] = (plan, role)
       continue
-    ms, us = plan
-    mat = {spec_lib.OUT: ms[m], spec_lib.VAR: ms[m] * ms[m]}.get(role)
-    if mat is None:
-      mat = us[m].T
-    x = jnp.moveaxis(jnp.tensordot(x, mat, axes=((axis,), (1,)), precision=_HI), -1, axis)
-  return _groups_apply(x, m, gathers) if gathers else x
+    mats, ums = plan
+    for i, m in enumerate(ms):
+      mat = {spec_lib.OUT: mats[m], spec_lib.VAR: mats[m] * mats[m]}.get(role)
+      if mat is None:
+        mat = ums[m].T
+      xs[i] = jnp.moveaxis(jnp.tensordot(xs[i], mat, axes=((axis,), (1,)), precision=_HI),
+                           -1, axis)
+  if gathers:
+    return _groups_apply(xs, ms, gathers)
+  return functools.reduce(jnp.add, xs)
 
 
 _LEAVES_PER_PROGRAM = 32
@@ -256,26 +278,24 @@ def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
   for path in flats[0]:
     leaves = [f[path] for f in flats]
     dtype = leaves[0].dtype
-    if jnp.issubdtype(dtype, jnp.inexact):
-      # NaN and inf survive a sum, so a finite sum clears the leaf; an overflowing sum of
-      # finite values is sorted out by the exact check on the error path.
-      finite[path] = jnp.isfinite(functools.reduce(jnp.add, [jnp.sum(x) for x in leaves]))
     axes = spec.leaf_axes(path, leaves[0].ndim)
+    xs = [x.astype(jnp.float32) for x in leaves]
     if trunk is not None and not spec.is_trunk_leaf(path, trunk):
-      head = []
       reads = [(axis, plans[ax.space], spec_lib.IN) for axis, ax in axes.items()
                if ax.role == spec_lib.IN and ax.space in trunk]
-      for m, x in enumerate(leaves):
-        head.append(_transform(x.astype(jnp.float32), m, reads).astype(dtype))
-      out[path] = jnp.stack(head)
-      continue
-    merged = []
-    ops = [(axis, plans[ax.space], ax.role) for axis, ax in axes.items()]
-    for m, x in enumerate(leaves):
-      merged.append(_transform(x.astype(jnp.float32), m, ops))
-    x = functools.reduce(jnp.add, merged)
-    if not any(ax.role != spec_lib.IN for ax in axes.values()):
-      x = x / len(flats)
+      x = jnp.stack([_transform([x], [m], reads) for m, x in enumerate(xs)])
+    else:
+      ops = [(axis, plans[ax.space], ax.role) for axis, ax in axes.items()]
+      x = _transform(xs, range(len(xs)), ops)
+      if not any(ax.role != spec_lib.IN for ax in axes.values()):
+        x = x / len(xs)
+    if jnp.issubdtype(dtype, jnp.inexact):
+      # Every value of every model reaches the zipped leaf with a weight that is not 0 (or
+      # is multiplied by 0: 0 * NaN and 0 * inf are NaN), and NaN and inf survive a sum, so
+      # a finite sum of the result clears the leaf: one pass over the result instead of one
+      # over each model. An overflowing sum of finite values is sorted out by the exact
+      # check on the error path.
+      finite[path] = jnp.isfinite(jnp.sum(x))
     out[path] = x.astype(dtype)
   return out, finite
 
