@@ -240,7 +240,8 @@ def test_as_groups_is_exactly_the_merge(dim):
   for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
     merge = matcher(corr, num_models=3)
     groups = zipping.as_groups(merge)
-    idx, mask, size, rows, rows_idx, rows_mask, rows_size = (np.asarray(a) for a in groups)
+    idx, mask, size, rows, rows_idx, rows_mask, rows_inv_size, inv_size = (
+        np.asarray(a) for a in groups)
     n = merge.M.shape[0]
     for m, (mb, ub) in enumerate(zip(*merge.blocks())):
       several = np.flatnonzero(mask[m].sum(1) > 1)
@@ -248,7 +249,8 @@ def test_as_groups_is_exactly_the_merge(dim):
       np.testing.assert_array_equal(rows[m][real], several)
       np.testing.assert_array_equal(rows_idx[m][real], idx[m, several, 1:])
       np.testing.assert_array_equal(rows_mask[m][real], mask[m, several, 1:])
-      np.testing.assert_array_equal(rows_size[m], size[rows[m]])
+      np.testing.assert_array_equal(rows_inv_size[m], 1 / size[rows[m]])
+      np.testing.assert_array_equal(inv_size, 1 / size)
       # The first members and the rows' further members (padding included) are U exactly.
       dense = np.zeros((n, n), np.float32)
       np.add.at(dense, (np.arange(n), idx[m, :, 0]), mask[m, :, 0])

@@ -40,8 +40,8 @@ class Groups(NamedTuple):
   to which model m gives more than one member (the rest is padding, ``rows_mask`` 0): a zip
   gathers every group's first member over the whole leaf and the further members of these
   groups only, instead of multiplying by n x n blocks. ``rows_idx``, ``rows_mask`` and
-  ``rows_size`` are those groups' further members, their weights (0 for the padding) and
-  sizes, taken out on the host so that the zip kernel does no index arithmetic.
+  ``rows_inv_size`` are those groups' further members, their weights (0 for the padding)
+  and 1 / sizes, taken out on the host so that the zip kernel does no index arithmetic.
   """
 
   idx: jax.Array  # (N, n, K) int32
@@ -50,7 +50,8 @@ class Groups(NamedTuple):
   rows: jax.Array  # (N, P) int32: the groups model m gives several members, padded, sorted
   rows_idx: jax.Array  # (N, P, K - 1) int32: their further members
   rows_mask: jax.Array  # (N, P, K - 1) float32: 1 for a real further member, else 0
-  rows_size: jax.Array  # (N, P) float32: their sizes
+  rows_inv_size: jax.Array  # (N, P) float32: 1 / their sizes
+  inv_size: jax.Array  # (n,) float32: 1 / size
 
 
 def as_groups(merge: match_lib.Merge) -> Groups | None:
@@ -97,7 +98,8 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   rows_mask = (np.take_along_axis(mask[:, :, 1:], rows[:, :, None], 1)
                * np.take_along_axis(several, rows, 1)[:, :, None])
   size = size.astype(np.float32)
-  return Groups(idx, mask, size, rows, rows_idx, rows_mask, size[rows])
+  inv_size = 1 / size
+  return Groups(idx, mask, size, rows, rows_idx, rows_mask, inv_size[rows], inv_size)
 
 
 def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | tuple]:
@@ -110,13 +112,14 @@ def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | 
   return jax.device_put(out)
 
 
-def _weight(mask: jax.Array, size: jax.Array, role: str) -> jax.Array:
-  """Weights of members (mask (..., K) of groups of the given sizes (...)): U_m (IN), M_m
-  (OUT) or M_m squared (VAR)."""
+def _weight(mask: jax.Array, inv_size: jax.Array, role: str) -> jax.Array:
+  """Weights of members (mask (..., K) of groups with 1 / sizes ``inv_size`` (...)): U_m
+  (IN), M_m (OUT) or M_m squared (VAR). Multiplied by reciprocals taken on the host: XLA
+  fuses a product into the gathers, but compiles a division as a program of its own."""
   if role == spec_lib.IN:
     return mask
-  size = size if role == spec_lib.OUT else size * size
-  return mask / size[..., None]
+  inv = inv_size if role == spec_lib.OUT else inv_size * inv_size
+  return mask * inv[..., None]
 
 
 _FLAT_INDEX_LIMIT = 2**31
@@ -190,12 +193,12 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
   for m in ms:
     first.append({}), every.append({}), extra.append({})
     for axis, (g, role) in axes.items():
-      w = _weight(g.mask[m], g.size, role)
+      w = _weight(g.mask[m], g.inv_size, role)
       first[-1][axis] = (g.idx[m, :, :1], w[:, :1])
       every[-1][axis] = (g.idx[m], w)
       if g.idx.shape[2] > 1 and g.rows.shape[1]:
         extra[-1][axis] = (g.rows[m], g.rows_idx[m],
-                           _weight(g.rows_mask[m], g.rows_size[m], role))
+                           _weight(g.rows_mask[m], g.rows_inv_size[m], role))
   models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
   y = functools.reduce(jnp.add, [_gather(xs[i], first[i]) for i in models])
   order = sorted(extra[0])
@@ -238,18 +241,19 @@ def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
 _LEAVES_PER_PROGRAM = 32
 
 
-def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: Mapping) -> tuple[dict, dict]:
+def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: Mapping) -> tuple[dict, list]:
   """:func:`_zip_leaves_program` over the leaves in programs of at most
   ``_LEAVES_PER_PROGRAM`` leaves: compiling all the leaves of a ResNet-50 with greedy merges
   as one program took 700-960 MiB (more than the models and their statistics) and 17-23 s;
-  programs of 32 leaves took 180 MiB at most, about as long, and run as fast."""
-  out, finite = {}, {}
+  programs of 32 leaves took 180 MiB at most, about as long, and run as fast. Returns the
+  zipped leaves and each program's flag that its leaves are finite."""
+  out, finite = {}, []
   for paths, spaces in _programs(spec, tuple((p, x.ndim) for p, x in flats[0].items())):
     leaves, flags = _zip_leaves_program(spec, trunk, tuple({p: f[p] for p in paths}
                                                            for f in flats),
                                         {name: plans[name] for name in spaces if name in plans})
     out.update(leaves)
-    finite.update(flags)
+    finite.append(flags)
   return out, finite
 
 
@@ -266,15 +270,15 @@ def _programs(spec, leaves: tuple) -> list[tuple[tuple, tuple]]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
-                        plans: Mapping) -> tuple[dict, dict]:
+                        plans: Mapping) -> tuple[dict, jax.Array]:
   """Zips trunk leaves (all leaves if ``trunk`` is None); head leaves stay per model (stacked
   on a leading axis), with their axes that read a merged space transformed by U_m. Also
-  returns, per leaf, whether every model's values are finite (checked in the same program).
+  returns whether every model's values are finite (checked in the same program).
 
   Each model's leaf is transformed on its own and the results added: no stacked copy of the
   models is made, and XLA fuses each leaf's gathers, weights and sum into one loop.
   """
-  out, finite = {}, {}
+  out, sums = {}, []
   for path in flats[0]:
     leaves = [f[path] for f in flats]
     dtype = leaves[0].dtype
@@ -290,14 +294,14 @@ def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
       if not any(ax.role != spec_lib.IN for ax in axes.values()):
         x = x / len(xs)
     if jnp.issubdtype(dtype, jnp.inexact):
-      # Every value of every model reaches the zipped leaf with a weight that is not 0 (or
-      # is multiplied by 0: 0 * NaN and 0 * inf are NaN), and NaN and inf survive a sum, so
-      # a finite sum of the result clears the leaf: one pass over the result instead of one
-      # over each model. An overflowing sum of finite values is sorted out by the exact
-      # check on the error path.
-      finite[path] = jnp.isfinite(jnp.sum(x))
+      sums.append(jnp.sum(x))
     out[path] = x.astype(dtype)
-  return out, finite
+  # Every value of every model reaches its zipped leaf with a weight that is not 0 (or is
+  # multiplied by 0: 0 * NaN and 0 * inf are NaN), and NaN and inf survive a sum, so a
+  # finite sum of the results clears the models: one pass over the result instead of one
+  # over each model, and one flag per program. An overflowing sum of finite values is
+  # sorted out by the exact check on the error path.
+  return out, jnp.isfinite(functools.reduce(jnp.add, sums, jnp.zeros((), jnp.float32)))
 
 
 def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
@@ -338,9 +342,9 @@ def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
   return MultiHead(zipped, spec, heads, stop_at)
 
 
-def _raise_if_not_finite(finite: Mapping, variables_list: Sequence[Any]) -> None:
+def _raise_if_not_finite(finite: Sequence, variables_list: Sequence[Any]) -> None:
   """Raises, naming the model and leaves, if the kernel's finiteness flags are not all set."""
-  if all(jax.device_get(finite).values()):
+  if all(jax.device_get(finite)):
     return
   for m, v in enumerate(variables_list):  # the exact check, only on this rare path
     spec_lib.check_finite(spec_lib.flatten(v), label=f"Model {m}")
