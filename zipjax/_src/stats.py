@@ -69,6 +69,7 @@ def update_stats(stats: FeatureStats, samples: jax.Array) -> FeatureStats:
   return _merge(stats, samples.shape[0], b_mean, b_m2)
 
 
+@jax.jit
 def correlation(stats: FeatureStats) -> jax.Array:
   """The correlation matrix of ``stats``.
 
@@ -76,6 +77,10 @@ def correlation(stats: FeatureStats) -> jax.Array:
   A dead feature (zero variance: constant on the data) correlates 1 with the features it is
   identical to on the data (dead ones with the same value) and 0 with every other. The result
   never holds NaN.
+
+  Jitted: one fused program per width. Op by op, every call made some 20 passes over the
+  matrix, and the first compiled each op per width: for a ResNet-50's 53 spaces on the CPU,
+  6.6 s for the first call and 1.0 s for the next, against 0.8 s and 0.07 s jitted.
   """
   cov = stats.covariance
   var = jnp.diagonal(cov)
