@@ -5,7 +5,8 @@ multiplied by that space's M_m, each axis that reads one by U_m, each variance a
 squared. A leaf that writes no merged space (the model's output layer, say) is averaged over
 the models instead. Merges that average groups of features are applied as gathers (every
 group's first member over the whole leaf, further members as small scattered blocks); any
-other M and U as dense per-model blocks. All leaves are zipped in one jitted program.
+other M and U as dense per-model blocks. Leaves are zipped in jitted programs of at most
+32 leaves.
 """
 
 from __future__ import annotations
@@ -275,8 +276,8 @@ def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
   on a leading axis), with their axes that read a merged space transformed by U_m. Also
   returns whether every model's values are finite (checked in the same program).
 
-  Each model's leaf is transformed on its own and the results added: no stacked copy of the
-  models is made, and XLA fuses each leaf's gathers, weights and sum into one loop.
+  No stacked copy of the models is made: XLA fuses the models' first-member gathers,
+  weights and sum into one loop per leaf (see :func:`_groups_apply`).
   """
   out, sums = {}, []
   for path in flats[0]:
