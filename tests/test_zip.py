@@ -215,15 +215,17 @@ MERGE_KINDS = {
 }
 
 
+def _merges(spec, num_models, kind):
+  return {s.name: (_soft_merge(s.width, num_models, i) if kind == "soft"
+                   else MERGE_KINDS[kind](_random_corr(num_models * s.width, i), num_models))
+          for i, s in enumerate(spec.spaces)}
+
+
 @pytest.mark.parametrize("kind", list(MERGE_KINDS))
 @pytest.mark.parametrize("name,num_models", [("mlp", 2), ("mlp", 3), ("resnet20", 2)])
 def test_apply_merges_equals_numpy_reference(name, num_models, kind):
   spec, variables, _ = zoo.make(name, num_models=num_models)
-  merges = {}
-  for i, s in enumerate(spec.spaces):
-    dim = num_models * s.width
-    merges[s.name] = (_soft_merge(s.width, num_models, i) if kind == "soft"
-                      else MERGE_KINDS[kind](_random_corr(dim, i), num_models))
+  merges = _merges(spec, num_models, kind)
   if kind == "greedy_chains":  # the case this test exists for: a model gives a group several
     assert max(int(zipping.as_groups(m).mask.sum(-1).max()) for m in merges.values()) > 1
   got = spec_lib.flatten(zipjax.apply_merges(spec, list(variables), merges))
@@ -263,12 +265,6 @@ def test_as_groups_is_exactly_the_merge(dim):
       np.testing.assert_array_equal(dense, ub.T)
       np.testing.assert_array_equal(dense / size[:, None], mb)
   assert zipping.as_groups(_soft_merge(16, 2, 0)) is None
-
-
-def _merges(spec, num_models, kind):
-  return {s.name: (_soft_merge(s.width, num_models, i) if kind == "soft"
-                   else MERGE_KINDS[kind](_random_corr(num_models * s.width, i), num_models))
-          for i, s in enumerate(spec.spaces)}
 
 
 @pytest.mark.parametrize("name,num_models,partial,kind", [

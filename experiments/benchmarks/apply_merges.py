@@ -141,5 +141,3 @@ def run(scale: str, *, progress: bool = False) -> common.Result:
     model, spec = common.build_model(case.arch, case.width, case.num_outputs)
     rows += _measure(case, spec, common.init_models(model, 2, case.image_size), s)
   return common.Result(rows)
-
-
