@@ -242,8 +242,9 @@ def test_as_groups_is_exactly_the_merge(dim):
   for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
     merge = matcher(corr, num_models=3)
     groups = zipping.as_groups(merge)
-    idx, mask, size, rows, rows_idx, rows_mask, rows_inv_size, inv_size = (
+    idx, mask, rows, rows_idx, rows_mask, rows_inv_size, inv_size = (
         np.asarray(a) for a in groups)
+    size = mask.sum((0, 2))  # each group's members over all models
     n = merge.M.shape[0]
     for m, (mb, ub) in enumerate(zip(*merge.blocks())):
       several = np.flatnonzero(mask[m].sum(1) > 1)

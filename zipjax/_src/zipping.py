@@ -36,8 +36,8 @@ class Groups(NamedTuple):
   """A merge that averages groups of features, as gather indices.
 
   For model m and merged feature g, ``idx[m, g, :]`` are model m's members of g (padded with
-  index 0), ``mask[m, g, :]`` marks the real ones and ``size[g]`` counts g's members over all
-  models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]`` lists the P groups
+  index 0), ``mask[m, g, :]`` marks the real ones and ``inv_size[g]`` is 1 / the number of
+  g's members over all models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]`` lists the P groups
   to which model m gives more than one member (the rest is padding, ``rows_mask`` 0): a zip
   gathers every group's first member over the whole leaf and the further members of these
   groups only, instead of multiplying by n x n blocks. ``rows_idx``, ``rows_mask`` and
@@ -47,12 +47,11 @@ class Groups(NamedTuple):
 
   idx: jax.Array  # (N, n, K) int32
   mask: jax.Array  # (N, n, K) float32
-  size: jax.Array  # (n,) float32
   rows: jax.Array  # (N, P) int32: the groups model m gives several members, padded, sorted
   rows_idx: jax.Array  # (N, P, K - 1) int32: their further members
   rows_mask: jax.Array  # (N, P, K - 1) float32: 1 for a real further member, else 0
   rows_inv_size: jax.Array  # (N, P) float32: 1 / their sizes
-  inv_size: jax.Array  # (n,) float32: 1 / size
+  inv_size: jax.Array  # (n,) float32: 1 / the groups' sizes
 
 
 def as_groups(merge: match_lib.Merge) -> Groups | None:
@@ -98,9 +97,8 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   rows_idx = np.take_along_axis(idx[:, :, 1:], rows[:, :, None], 1)
   rows_mask = (np.take_along_axis(mask[:, :, 1:], rows[:, :, None], 1)
                * np.take_along_axis(several, rows, 1)[:, :, None])
-  size = size.astype(np.float32)
-  inv_size = 1 / size
-  return Groups(idx, mask, size, rows, rows_idx, rows_mask, inv_size[rows], inv_size)
+  inv_size = 1 / size.astype(np.float32)
+  return Groups(idx, mask, rows, rows_idx, rows_mask, inv_size[rows], inv_size)
 
 
 def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, Groups | tuple]:
