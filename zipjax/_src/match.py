@@ -181,8 +181,9 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
   together, as array operations; then the disturbed rows are recomputed and the rows are
   sorted again: a handful of sorts serve all merges.
 
-  The diagonal is -inf in C. Merged-away features are masked when a row is read (their rows
-  and columns are never written again), and a model's own block once its budget is spent.
+  The diagonal is -inf in C. Merged-away features are masked when a row is read (their
+  columns are never written again, their rows never read), and a model's own block once its
+  budget is spent.
   """
   dim = corr.shape[0]
   n = dim // num_models
