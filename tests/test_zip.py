@@ -327,6 +327,20 @@ def test_as_groups_of_merges_built_from_groups_equals_the_scan_of_m_and_u():
       np.testing.assert_array_equal(fast, scanned)
 
 
+@pytest.mark.parametrize("matcher", [match.greedy(alpha=1.0, beta=1.0), match.identity()])
+def test_packed_groups_unpack_to_the_same_arrays_inside_jit(matcher):
+  # apply_merges sends each space's Groups as two arrays (int32 and float32 fields) and
+  # slices them apart inside the kernel; identity merges have no further members (K = 1,
+  # P = 0), greedy chains have several.
+  groups = zipping.as_groups(matcher(_random_corr(48, 2), num_models=3))
+  packed = zipping._PackedGroups.pack(groups)
+  assert len(jax.tree_util.tree_leaves(packed)) == 2
+  unpacked = jax.jit(lambda p: p.unpack())(jax.device_put(packed))
+  for name, want, got in zip(zipping.Groups._fields, groups, unpacked):
+    assert got.dtype == want.dtype, name
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_merges_built_from_groups_are_read_only():
   merge = match.merge_from_groups([[0, 2], [1, 3]], 4)
   with pytest.raises(ValueError, match="read-only"):

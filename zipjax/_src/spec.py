@@ -354,7 +354,12 @@ def validate(spec: Spec, variables: Variables, *, label: str = "variables") -> d
 
   Returns the flat variables. Raises SpecError naming every offending path.
   """
-  flat = flatten(variables)
+  return validate_flat(spec, flatten(variables), label=label)
+
+
+def validate_flat(spec: Spec, flat: Mapping[Path, Any], *,
+                  label: str = "variables") -> Mapping[Path, Any]:
+  """:func:`validate` of variables already flattened with :func:`flatten`."""
   missing = sorted(fmt_path(p) for p in flat if p not in spec.leaves)
   extra = sorted(fmt_path(p) for p in spec.leaves if p not in flat)
   if missing or extra:
