@@ -108,8 +108,8 @@ _INT_FIELDS = frozenset({"idx", "rows", "rows_idx"})
 @jax.tree_util.register_pytree_node_class
 class _PackedGroups:
   """A Groups as two arrays, its int32 fields and its float32 fields, each raveled and
-  concatenated; the shapes are static. Sent to the device as 7 arrays a space, a ResNet-50's
-  merges cost some 14 ms a call in per-array transfer overhead, a fifth of apply_merges."""
+  concatenated, with the fields' shapes static. Sent as seven arrays a space, a ResNet-50's
+  merges cost some 14 ms of per-array transfer overhead a call, a fifth of apply_merges."""
 
   def __init__(self, ints, floats, shapes: tuple[tuple[int, ...], ...]):
     self.ints, self.floats, self.shapes = ints, floats, shapes
