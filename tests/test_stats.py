@@ -105,3 +105,56 @@ def test_batches_may_be_tuples_or_dicts(resnet_pair):
   for wrapped in ([(x, labels) for x in data], [{"image": x} for x in data]):
     got = zipjax.compute_stats(spec, [va, vb], wrapped, spaces=["stage3"])
     np.testing.assert_array_equal(got["stage3"].m2, plain["stage3"].m2)
+
+
+@pytest.mark.parametrize("microbatch", [3, 4, 8])
+def test_microbatches_give_the_statistics_of_whole_batches(resnet_pair, microbatch):
+  # Batches of 8 and 4 images: parts of 3 leave uneven remainders, 4 splits the first batch
+  # only, 8 splits neither. Chan's update makes the statistics independent of the batching
+  # up to float rounding.
+  spec, va, vb, data = resnet_pair
+  whole = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1", "stage3"])
+  parts = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1", "stage3"],
+                               microbatch=microbatch)
+  for name in ("stage1", "stage3"):
+    assert int(parts[name].count) == int(whole[name].count)
+    np.testing.assert_allclose(parts[name].mean, whole[name].mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts[name].m2, whole[name].m2, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(whole[name].m2).max()))
+
+
+def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
+  spec, va, vb, data = resnet_pair
+  sizes = []
+  step = stats_lib._stats_step  # pylint: disable=protected-access
+
+  def counting_step(*args):
+    sizes.append(args[-1].shape[0])
+    return step(*args)
+
+  monkeypatch.setattr(stats_lib, "_stats_step", counting_step)
+  zipjax.compute_stats(spec, [va, vb], [(x, None) for x in data], spaces=["stage3"],
+                       microbatch=3, mesh=jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+  assert sizes == [3, 3, 2, 3, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "32"])
+def test_microbatch_must_be_a_positive_int(resnet_pair, bad):
+  spec, va, vb, data = resnet_pair
+  with pytest.raises(ValueError, match="microbatch must be a positive int"):
+    zipjax.compute_stats(spec, [va, vb], data, microbatch=bad)
+
+
+def test_zip_passes_microbatch_to_the_statistics_only(resnet_pair, monkeypatch):
+  spec, va, vb, data = resnet_pair
+  seen = {}
+  compute = stats_lib.compute_stats
+
+  def recording(*args, **kwargs):
+    seen.update(kwargs)
+    return compute(*args, **kwargs)
+
+  monkeypatch.setattr(stats_lib, "compute_stats", recording)
+  merged = zipjax.zip(va, vb, spec, data=data, microbatch=4)
+  assert seen["microbatch"] == 4
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(va)

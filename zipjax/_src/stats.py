@@ -175,9 +175,21 @@ def _stats_step(spec, names, out_sharding, stats, models, x):
   return new
 
 
+def _microbatches(x: Any, size: int | None) -> list[Any]:
+  """``x`` cut along its batch axis into parts of at most ``size`` examples."""
+  if size is None:
+    return [x]
+  total = sharding_lib.batch_size(x)
+  if total <= size:
+    return [x]
+  return [jax.tree_util.tree_map(lambda a, i=i: a[i:i + size], x)
+          for i in range(0, total, size)]
+
+
 def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iterable[Any], *,
                   spaces: Sequence[str] | None = None, progress: bool = False,
-                  mesh: Mesh | None = None) -> dict[str, FeatureStats]:
+                  mesh: Mesh | None = None,
+                  microbatch: int | None = None) -> dict[str, FeatureStats]:
   """Feature statistics of every space (or of ``spaces``) of N models over ``data``.
 
   Data-parallel: every batch is sharded along its batch axis over the mesh's "data" axis (all
@@ -195,6 +207,13 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
     progress: show a tqdm progress bar.
     mesh: the devices to run on (default: all local devices; one device takes the plain
       single-device path).
+    microbatch: cut every batch into parts of at most this many examples, one step each.
+      The statistics do not depend on how the samples are batched (up to float rounding),
+      but the memory of a step does: on the CPU, a step whose working memory exceeds what
+      the allocator keeps for reuse (32 MiB with glibc) gets fresh pages from the kernel on
+      every call. Two ResNet-20 (width 1) over 4 batches of 128 images took 1.26x the plain
+      forward passes over those batches, and 1.01x with ``microbatch=32``. Default: whole
+      batches.
 
   Returns {space: FeatureStats} over the N * width concatenated channels, as arrays on one
   device. Raises DataError if the data is empty or one-shot, or if any space's features are
@@ -203,6 +222,9 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
   names = tuple(spaces if spaces is not None else spec.space_names)
   for n in names:
     spec.width(n)
+  if microbatch is not None and (isinstance(microbatch, bool) or not isinstance(
+      microbatch, int) or microbatch < 1):
+    raise ValueError(f"microbatch must be a positive int or None, got {microbatch!r}.")
   num = len(variables_list)
   mesh = sharding_lib.resolve_mesh(mesh)
   models = tuple(spec_lib._model_vars(v) for v in variables_list)
@@ -216,8 +238,9 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
     import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, desc="feature statistics", leave=False)
   for x in batches:
-    for part in ([x] if mesh is None else sharding_lib.split_batch(x, mesh)):
-      stats = _stats_step(spec, names, out_sharding, stats, models, part)
+    for chunk in _microbatches(x, microbatch):
+      for part in ([chunk] if mesh is None else sharding_lib.split_batch(chunk, mesh)):
+        stats = _stats_step(spec, names, out_sharding, stats, models, part)
   if mesh is not None:
     stats = sharding_lib.to_local(stats)
   bad = [n for n, s in stats.items()

