@@ -136,6 +136,9 @@ def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
   zipjax.compute_stats(spec, [va, vb], [(x, None) for x in data], spaces=["stage3"],
                        microbatch=3, mesh=jax.sharding.Mesh(jax.devices()[:1], ("data",)))
   assert sizes == [3, 3, 2, 3, 1]
+  sizes.clear()
+  zipjax.compute_stats(spec, [va, vb], data, spaces=["stage3"], microbatch=np.int64(4))
+  assert sizes == [4, 4, 4]
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "32"])

@@ -80,7 +80,7 @@ def batch_size(x: Any) -> int:
   return int(leaves[0].shape[0])
 
 
-def _is_global(x: Any) -> bool:
+def is_global(x: Any) -> bool:
   """Whether the caller already placed ``x`` across processes (not fully addressable)."""
   return any(isinstance(a, jax.Array) and not a.is_fully_addressable
              for a in jax.tree_util.tree_leaves(x))
@@ -89,7 +89,7 @@ def _is_global(x: Any) -> bool:
 def place_batch(x: Any, mesh: Mesh) -> Any:
   """``x`` sharded along its batch axis over ``mesh``, or replicated if the batch size is not
   a multiple of the number of shards. A global array is returned as it is."""
-  if _is_global(x):
+  if is_global(x):
     return x
   even = batch_size(x) % num_shards(mesh) == 0
   spec = PartitionSpec(_batch_axes(mesh)) if even else PartitionSpec()
@@ -101,7 +101,7 @@ def split_batch(x: Any, mesh: Mesh) -> list[Any]:
 
   Only for passes whose results do not depend on how samples are grouped into batches.
   """
-  if _is_global(x):
+  if is_global(x):
     return [x]
   size = batch_size(x)
   even = size - size % num_shards(mesh)
