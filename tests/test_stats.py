@@ -148,7 +148,7 @@ def test_microbatch_must_be_a_positive_int(resnet_pair, bad):
     zipjax.compute_stats(spec, [va, vb], data, microbatch=bad)
 
 
-def test_zip_passes_microbatch_to_the_statistics_only(resnet_pair, monkeypatch):
+def test_zip_passes_microbatch_to_the_statistics(resnet_pair, monkeypatch):
   spec, va, vb, data = resnet_pair
   seen = {}
   compute = stats_lib.compute_stats
