@@ -72,6 +72,15 @@ def _worker() -> dict:
   out["stats_on_one_device"] = all(len(a.sharding.device_set) == 1
                                    for a in jax.tree_util.tree_leaves(s8))
 
+  # microbatch="auto" with a budget under one example's features: one example a device.
+  budget, stats_lib.CPU_STEP_FEATURE_BYTES = stats_lib.CPU_STEP_FEATURE_BYTES, 1
+  step, sizes = stats_lib._stats_step, []  # pylint: disable=protected-access
+  stats_lib._stats_step = lambda *a: sizes.append(a[-1].shape[0]) or step(*a)
+  s8_auto = zipjax.compute_stats(spec, [va, vb], data)
+  stats_lib._stats_step, stats_lib.CPU_STEP_FEATURE_BYTES = step, budget
+  out["auto_part_sizes"] = sizes
+  out["stats_m2_auto"] = max(_max_rel_diff(s1[n].m2, s8_auto[n].m2) for n in s1)
+
   b1 = zipjax.reset_batchnorm(spec, va, data, mesh=one)
   b8 = zipjax.reset_batchnorm(spec, va, data)
   out["bn"] = _max_rel_diff(b1["batch_stats"], b8["batch_stats"])
@@ -140,6 +149,13 @@ def test_stats_agree(results):
   assert results["stats_m2"] < RTOL
   assert results["stats_m2_2d_mesh"] < RTOL
   assert results["stats_on_one_device"]
+
+
+def test_auto_microbatch_takes_a_multiple_of_the_devices(results):
+  # Batches of 16 and 12 in parts of 8 (one example a device); the last part of 4 is uneven
+  # over 8 devices and runs replicated.
+  assert results["auto_part_sizes"] == [8, 8, 8, 4]
+  assert results["stats_m2_auto"] < RTOL
 
 
 def test_batchnorm_reset_agrees(results):

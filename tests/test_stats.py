@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import zipjax
+from tests import zoo
 from zipjax import models
+from zipjax._src import spec as spec_lib
 from zipjax._src import stats as stats_lib
 
 
@@ -141,7 +143,7 @@ def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
   assert sizes == [4, 4, 4]
 
 
-@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "32"])
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "32", "Auto"])
 def test_microbatch_must_be_a_positive_int(resnet_pair, bad):
   spec, va, vb, data = resnet_pair
   with pytest.raises(ValueError, match="microbatch must be a positive int"):
@@ -161,3 +163,50 @@ def test_zip_passes_microbatch_to_the_statistics(resnet_pair, monkeypatch):
   merged = zipjax.zip(va, vb, spec, data=data, microbatch=4)
   assert seen["microbatch"] == 4
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(va)
+
+
+def _mlp():
+  """The zoo MLP: spaces of 32 and 24 channels, captured once an example."""
+  spec, variables, data = zoo.make("mlp")
+  per_example = 4 * len(variables) * sum(space.width for space in spec.spaces)
+  return spec, tuple(spec_lib._model_vars(v) for v in variables), data, per_example
+
+
+@pytest.mark.parametrize("budget,expected", [(0.5, 1), (1, 1), (5, 4), (8, 8), (1000, 512)])
+def test_auto_microbatch_is_the_largest_power_of_two_whose_features_fit(
+    monkeypatch, budget, expected):
+  spec, models_, data, per_example = _mlp()
+  monkeypatch.setattr(stats_lib, "CPU_STEP_FEATURE_BYTES", int(budget * per_example))
+  assert stats_lib.auto_microbatch(spec, models_, data[0], None) == expected
+
+
+def test_auto_microbatch_takes_whole_batches_off_the_cpu(monkeypatch):
+  spec, models_, data, _ = _mlp()
+
+  class Accelerator:
+    platform = "tpu"
+
+  monkeypatch.setattr(jax, "devices", lambda *args: [Accelerator()])
+  assert stats_lib.auto_microbatch(spec, models_, data[0], None) is None
+
+
+def test_statistics_take_auto_parts_by_default(monkeypatch):
+  spec, models_, data, per_example = _mlp()
+  variables = zoo.make("mlp")[1]
+  whole = zipjax.compute_stats(spec, variables, data, microbatch=None)
+  monkeypatch.setattr(stats_lib, "CPU_STEP_FEATURE_BYTES", 5 * per_example)
+  sizes = []
+  step = stats_lib._stats_step  # pylint: disable=protected-access
+
+  def counting_step(*args):
+    sizes.append(args[-1].shape[0])
+    return step(*args)
+
+  monkeypatch.setattr(stats_lib, "_stats_step", counting_step)
+  parts = zipjax.compute_stats(spec, variables, data)
+  assert [x.shape[0] for x in data] == [16, 16]
+  assert sizes == [4] * 8
+  for name in whole:
+    assert int(parts[name].count) == int(whole[name].count)
+    np.testing.assert_allclose(parts[name].m2, whole[name].m2, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(whole[name].m2).max()))
