@@ -125,8 +125,8 @@ def test_microbatches_give_the_statistics_of_whole_batches(resnet_pair, microbat
                                atol=1e-4 * float(jnp.abs(whole[name].m2).max()))
 
 
-def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
-  spec, va, vb, data = resnet_pair
+def _record_step_sizes(monkeypatch) -> list[int]:
+  """The batch size of every statistics step from now on, in order."""
   sizes = []
   step = stats_lib._stats_step  # pylint: disable=protected-access
 
@@ -135,6 +135,12 @@ def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
     return step(*args)
 
   monkeypatch.setattr(stats_lib, "_stats_step", counting_step)
+  return sizes
+
+
+def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
+  spec, va, vb, data = resnet_pair
+  sizes = _record_step_sizes(monkeypatch)
   zipjax.compute_stats(spec, [va, vb], [(x, None) for x in data], spaces=["stage3"],
                        microbatch=3, mesh=jax.sharding.Mesh(jax.devices()[:1], ("data",)))
   assert sizes == [3, 3, 2, 3, 1]
@@ -195,14 +201,7 @@ def test_statistics_take_auto_parts_by_default(monkeypatch):
   variables = zoo.make("mlp")[1]
   whole = zipjax.compute_stats(spec, variables, data, microbatch=None)
   monkeypatch.setattr(stats_lib, "CPU_STEP_FEATURE_BYTES", 5 * per_example)
-  sizes = []
-  step = stats_lib._stats_step  # pylint: disable=protected-access
-
-  def counting_step(*args):
-    sizes.append(args[-1].shape[0])
-    return step(*args)
-
-  monkeypatch.setattr(stats_lib, "_stats_step", counting_step)
+  sizes = _record_step_sizes(monkeypatch)
   parts = zipjax.compute_stats(spec, variables, data)
   assert [x.shape[0] for x in data] == [16, 16]
   assert sizes == [4] * 8
