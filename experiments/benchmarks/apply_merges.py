@@ -8,13 +8,18 @@ on both models' variables.
 
 Two rows per case: the whole public call (it also validates the inputs and turns the merges
 into gather indices) and, where the library's internal kernel can be reached, the jitted
-kernel alone on inputs prepared as the call prepares them. Compilation is excluded. All
-merge kinds of one architecture are timed in the same rounds against one baseline, and every
-row compares fastest repeats (the JSON keeps every time): the copy's time is bimodal, its
-output buffers fresh pages from the kernel or reused memory. The median copy of the same
-ResNet-20x8 trees took 13 ms in one case and 30-45 ms in every round of the next, and that of
-two ResNet-50s 11 ms in one run and 72 ms in another, which made a kernel 4x the fast copy read
-0.7x.
+kernel alone on inputs prepared as the call prepares them. Compilation is excluded; the
+median of the repeats is reported. All merge kinds of one architecture are timed in the same
+rounds against one baseline.
+
+Everything is measured in a fresh process with glibc told to keep the memory it frees
+(``common.STEADY_ALLOCATOR_ENV``). Under the default allocator the copy's time was not one
+number: its output buffers (twice the kernel's) got fresh pages from the kernel on some calls
+and reused memory on others, depending on what else the process had run. The copy of two
+ResNet-50s took 10.4, 15.0, 56 and 72.5 ms in four processes and of two ResNet-20x8s 10.0 to
+38 ms, while the greedy-merge kernel took 45-51 and 32-40 ms throughout, so the same kernel
+read as 0.7x to 4.5x a copy. With the steady allocator five processes gave copies of 15.7 /
+15.9 ms (ResNet-50) and 10.4 / 10.7 ms (ResNet-20x8), the kernel 3.0-3.1x.
 
 Target: ratio <= 3.
 """
@@ -22,6 +27,7 @@ Target: ratio <= 3.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -53,15 +59,21 @@ class Settings:
   merges: tuple[str, ...]
   repeats: int
   budget_s: float
+  timeout_s: float = 900.0
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> Settings:
+    return cls(**{**d, "cases": tuple(Case(**c) for c in d["cases"]),
+                  "merges": tuple(d["merges"])})
 
 
 SETTINGS = {
     "smoke": Settings(cases=(Case("mlp", 16, 10, 16),), merges=("identity", "greedy"),
-                      repeats=1, budget_s=1.0),
+                      repeats=1, budget_s=1.0, timeout_s=300.0),
     "quick": Settings(cases=(Case("resnet20", 2, 10, 32),), merges=("identity", "greedy"),
-                      repeats=3, budget_s=5.0),
+                      repeats=3, budget_s=5.0, timeout_s=300.0),
     "full": Settings(cases=(Case("resnet20", 8, 10, 32), Case("resnet50", 1, 1000, 64)),
-                     merges=("identity", "greedy"), repeats=7, budget_s=25.0),
+                     merges=("identity", "greedy"), repeats=15, budget_s=40.0),
 }
 
 
@@ -101,8 +113,11 @@ def kernel_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.M
     return None, f"kernel not timed ({type(e).__name__}: {e})"[:200]
 
 
-def _measure(case: Case, spec: zipjax.Spec, variables: list, s: Settings) -> list[common.Row]:
-  """Every merge kind of one architecture timed in the same rounds against one baseline."""
+def _time_case(case: Case, s: Settings) -> dict:
+  """Every merge kind of one architecture timed in the same rounds against one baseline (in
+  the worker process)."""
+  model, spec = common.build_model(case.arch, case.width, case.num_outputs)
+  variables = common.init_models(model, 2, case.image_size)
   copy = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x * 1.0, t))
   fns = {"baseline": lambda: copy(variables)}
   why = {}
@@ -114,33 +129,48 @@ def _measure(case: Case, spec: zipjax.Spec, variables: list, s: Settings) -> lis
     if kernel is not None:
       fns[f"{kind}: kernel"] = kernel
   timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
-  base = timing["baseline"].min
-  nbytes = common.tree_bytes(variables)
+  return {"case": dataclasses.asdict(case), "label": common.model_label(case.arch, case.width),
+          "bytes_of_models": common.tree_bytes(variables), "leaves": len(spec.leaves),
+          "why_no_kernel": why, "timing": {k: v.to_json() for k, v in timing.items()}}
+
+
+def measure(payload: Mapping[str, Any]) -> dict:
+  s = Settings.from_json(payload)
+  return {"cases": [_time_case(case, s) for case in s.cases]}
+
+
+def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
+  timing = result["timing"]
+  base = common.Timing(tuple(timing["baseline"]["times"])).median
+  case, nbytes = result["case"], result["bytes_of_models"]
   rows = []
   for kind in s.merges:
-    label = f"{common.model_label(case.arch, case.width)} ({kind} merges)"
-    data = {"arch": case.arch, "width": case.width, "num_outputs": case.num_outputs,
-            "merges": kind, "bytes_of_models": nbytes, "leaves": len(spec.leaves),
-            **{k.split(": ")[-1]: v.to_json() for k, v in timing.items()
+    label = f"{result['label']} ({kind} merges)"
+    data = {**case, "merges": kind, "bytes_of_models": nbytes, "leaves": result["leaves"],
+            "allocator_env": common.STEADY_ALLOCATOR_ENV,
+            **{k.split(": ")[-1]: v for k, v in timing.items()
                if k == "baseline" or k.startswith(kind + ":")}}
-    rows.append(common.Row(NAME, label + ": whole call",
-                           timing[f"{kind}: apply_merges"].min, BASELINE, base,
-                           target=TARGET, notes=f"{common.fmt_bytes(nbytes)} of models, fastest of {len(timing['baseline'].times)}",
-                           data=data))
+    median = lambda key: common.Timing(tuple(timing[key]["times"])).median
+    rows.append(common.Row(NAME, label + ": whole call", median(f"{kind}: apply_merges"),
+                           BASELINE, base, target=TARGET,
+                           notes=f"{common.fmt_bytes(nbytes)} of models", data=data))
     if f"{kind}: kernel" in timing:
-      rows.append(common.Row(NAME, label + ": jitted kernel only",
-                             timing[f"{kind}: kernel"].min, BASELINE, base, target=TARGET,
-                             notes="_zip_leaves, fastest repeats", data=data))
+      rows.append(common.Row(NAME, label + ": jitted kernel only", median(f"{kind}: kernel"),
+                             BASELINE, base, target=TARGET, notes="_zip_leaves", data=data))
     else:
       rows.append(common.Row(NAME, label + ": jitted kernel only", None, BASELINE, base,
-                             notes=why[kind], data=data))
+                             notes=result["why_no_kernel"][kind], data=data))
   return rows
 
 
 def run(scale: str, *, progress: bool = False) -> common.Result:
   s = SETTINGS[scale]
-  rows = []
-  for case in common.progress_bar(s.cases, desc="apply_merges", enabled=progress):
-    model, spec = common.build_model(case.arch, case.width, case.num_outputs)
-    rows += _measure(case, spec, common.init_models(model, 2, case.image_size), s)
-  return common.Result(rows)
+  if progress:
+    print("apply_merges: timing in a fresh process with a steady allocator", file=sys.stderr)
+  result = common.run_worker("experiments.benchmarks.apply_merges", dataclasses.asdict(s),
+                             timeout_s=s.timeout_s, env=common.STEADY_ALLOCATOR_ENV)
+  return common.Result([row for case in result["cases"] for row in _rows(case, s)])
+
+
+if __name__ == "__main__":
+  sys.exit(common.worker_main(measure))

@@ -8,10 +8,15 @@ meaningful on a loaded or noisy machine, where absolute times do not.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -318,3 +323,48 @@ class PassSettings:
   image_size: int
   repeats: int
   budget_s: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks that measure in a fresh process.
+
+_WORKER_MARKER = "BENCHMARK_WORKER_RESULT "
+
+#: glibc told to keep what is freed: no block from mmap (each fresh from the kernel, page
+#: faults and all, and returned on free) and no trimming of the heap. Jitted calls whose
+#: outputs are large then reuse memory on every call instead of getting fresh pages on some
+#: calls and not others; other C libraries ignore these variables.
+STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_worker(module: str, payload: Mapping[str, Any], *, timeout_s: float,
+               env: Mapping[str, str] | None = None) -> dict:
+  """Runs ``python -m module --worker JSON(payload)`` in a fresh process (same interpreter,
+  same niceness, the environment plus ``env``) and returns the JSON its
+  :func:`worker_main` printed."""
+  full_env = {**os.environ, **(env or {})}
+  root = _repo_root()
+  full_env["PYTHONPATH"] = root + (os.pathsep + full_env["PYTHONPATH"]
+                                   if full_env.get("PYTHONPATH") else "")
+  cmd = [sys.executable, "-m", module, "--worker", json.dumps(payload)]
+  proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True,
+                        timeout=timeout_s, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(_WORKER_MARKER)]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"The {module} worker failed (exit code {proc.returncode}):\n"
+                       + (proc.stderr or proc.stdout)[-3000:])
+  return json.loads(lines[-1][len(_WORKER_MARKER):])
+
+
+def worker_main(measure: Callable[[dict], Mapping[str, Any]],
+                argv: Sequence[str] | None = None) -> int:
+  """The worker side of :func:`run_worker`: ``measure(payload)``, printed as JSON."""
+  parser = argparse.ArgumentParser(description="benchmark worker (one fresh process)")
+  parser.add_argument("--worker", required=True, help="the payload as JSON")
+  args = parser.parse_args(argv)
+  print(_WORKER_MARKER + json.dumps(jsonable(measure(json.loads(args.worker)))), flush=True)
+  return 0

@@ -17,15 +17,11 @@ Target: peak growth <= 4x the bytes of the models and statistics.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import resource
-import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 
@@ -35,7 +31,6 @@ from experiments.benchmarks import common
 NAME = "zip_memory"
 TITLE = "zipjax.zip peak memory"
 BASELINE = "bytes of models + statistics"
-_MARKER = "ZIP_MEMORY_RESULT "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,37 +130,18 @@ def measure(s: Settings) -> dict:
                     f"images {s.image_size}x{s.image_size}")}
 
 
-def worker_main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description="zip_memory worker (one fresh process)")
-  parser.add_argument("--worker", required=True, help="the Settings as JSON")
-  args = parser.parse_args(argv)
-  result = measure(Settings(**json.loads(args.worker)))
-  print(_MARKER + json.dumps(result), flush=True)
-  return 0
+def _measure_payload(payload: dict) -> dict:
+  return measure(Settings(**payload))
 
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark, in the suite's process.
 
 
-def _repo_root() -> str:
-  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def run_worker(s: Settings) -> dict:
-  """Runs :func:`measure` in a fresh Python process (same interpreter, same niceness)."""
-  env = dict(os.environ)
-  root = _repo_root()
-  env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  cmd = [sys.executable, "-m", "experiments.benchmarks.zip_memory", "--worker",
-         json.dumps(dataclasses.asdict(s))]
-  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                        timeout=s.timeout_s, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith(_MARKER)]
-  if proc.returncode != 0 or not lines:
-    raise RuntimeError(f"The zip_memory worker failed (exit code {proc.returncode}):\n"
-                       + (proc.stderr or proc.stdout)[-3000:])
-  return json.loads(lines[-1][len(_MARKER):])
+  """Runs :func:`measure` in a fresh Python process."""
+  return common.run_worker("experiments.benchmarks.zip_memory", dataclasses.asdict(s),
+                           timeout_s=s.timeout_s)
 
 
 def run(scale: str, *, progress: bool = False) -> common.Result:
@@ -196,4 +172,4 @@ def run(scale: str, *, progress: bool = False) -> common.Result:
 
 
 if __name__ == "__main__":
-  sys.exit(worker_main())
+  sys.exit(common.worker_main(_measure_payload))
