@@ -74,6 +74,12 @@ def test_benchmark_specific_fields(smoke_run):
   memory = by_name["zip_memory"]["summary"]
   assert memory["model_bytes"] > 0 and memory["stats_bytes"] > 0
   assert set(memory["calls"]) == {"first call", "second call"}
+  # apply_merges times in a worker process, under the steady allocator, every merge kind
+  # against one copy baseline.
+  apply_rows = by_name["apply_merges"]["rows"]
+  assert {r["data"]["merges"] for r in apply_rows} == {"identity", "greedy"}
+  assert all(r["data"]["allocator_env"] == common.STEADY_ALLOCATOR_ENV for r in apply_rows)
+  assert len({r["baseline_seconds"] for r in apply_rows}) == 1
 
 
 def test_markdown_table_matches_json(smoke_run):
