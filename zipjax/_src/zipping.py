@@ -38,12 +38,13 @@ class Groups(NamedTuple):
 
   For model m and merged feature g, ``idx[m, g, :]`` are model m's members of g (padded with
   index 0), ``mask[m, g, :]`` marks the real ones and ``inv_size[g]`` is 1 / the number of
-  g's members over all models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]`` lists the P groups
-  to which model m gives more than one member (the rest is padding, ``rows_mask`` 0): a zip
-  gathers every group's first member over the whole leaf and the further members of these
-  groups only, instead of multiplying by n x n blocks. ``rows_idx``, ``rows_mask`` and
-  ``rows_inv_size`` are those groups' further members, their weights (0 for the padding)
-  and 1 / sizes, taken out on the host so that the zip kernel does no index arithmetic.
+  g's members over all models: M_m[g, j] = mask / size and U_m[j, g] = mask. ``rows[m]``
+  lists the P groups to which model m gives more than one member (the rest is padding,
+  ``rows_mask`` 0): a zip gathers every group's first member over the whole leaf and the
+  further members of these groups only, instead of multiplying by n x n blocks.
+  ``rows_idx``, ``rows_mask`` and ``rows_inv_size`` are those groups' further members, their
+  weights (0 for the padding) and 1 / sizes, taken out on the host so that the zip kernel
+  does no index arithmetic.
   """
 
   idx: jax.Array  # (N, n, K) int32
@@ -420,8 +421,8 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 
 def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
-             reset_bn: bool = True, progress: bool = False,
-             mesh: Mesh | None = None, microbatch: int | str | None = "auto") -> dict | MultiHead:
+             reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
+             microbatch: int | str | None = "auto") -> dict | MultiHead:
   """Merges N >= 2 models of the same architecture into one, without training.
 
   Args:
@@ -446,6 +447,7 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
       and, on the CPU, parts whose features fit in 32 MiB a device (see
       :func:`zipjax.compute_stats`: for two ResNet-20s, 10-20 % faster). The BatchNorm reset
       always takes whole batches: its result depends on the batches.
+
   Returns:
     A full zip: variables with the same tree structure, shapes and dtypes as each input. A
     partial zip: a MultiHead whose ``apply(x)`` gives one output per source model.
@@ -469,8 +471,8 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
 
 def zip(variables_a: Any, variables_b: Any, spec: spec_lib.Spec, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
-        reset_bn: bool = True, progress: bool = False,
-        mesh: Mesh | None = None, microbatch: int | str | None = "auto") -> dict | MultiHead:
+        reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
+        microbatch: int | str | None = "auto") -> dict | MultiHead:
   """Merges two models into one (or a two-headed model with ``stop_at``); see
   :func:`zip_many`."""
   return zip_many([variables_a, variables_b], spec, data=data, matcher=matcher,
