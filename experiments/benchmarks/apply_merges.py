@@ -18,8 +18,8 @@ number: its output buffers (twice the kernel's) got fresh pages from the kernel 
 and reused memory on others, depending on what else the process had run. The copy of two
 ResNet-50s took 10.4, 15.0, 56 and 72.5 ms in four processes and of two ResNet-20x8s 10.0 to
 38 ms, while the greedy-merge kernel took 45-51 and 32-40 ms throughout, so the same kernel
-read as 0.7x to 4.5x a copy. With the steady allocator five processes gave copies of 15.7 /
-15.9 ms (ResNet-50) and 10.4 / 10.7 ms (ResNet-20x8), the kernel 3.0-3.1x.
+read as 0.7x to 4.5x a copy. With the steady allocator, two processes per model gave median
+copies of 15.7 / 15.9 ms (ResNet-50) and 10.4 / 10.7 ms (ResNet-20x8), the kernel 3.0-3.1x.
 
 Target: ratio <= 3.
 """
