@@ -141,7 +141,7 @@ def measure(payload: Mapping[str, Any]) -> dict:
 
 def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
   timing = result["timing"]
-  base = common.Timing(tuple(timing["baseline"]["times"])).median
+  base = timing["baseline"]["median"]
   case, nbytes = result["case"], result["bytes_of_models"]
   rows = []
   for kind in s.merges:
@@ -150,13 +150,13 @@ def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
             "allocator_env": common.STEADY_ALLOCATOR_ENV,
             **{k.split(": ")[-1]: v for k, v in timing.items()
                if k == "baseline" or k.startswith(kind + ":")}}
-    median = lambda key: common.Timing(tuple(timing[key]["times"])).median
-    rows.append(common.Row(NAME, label + ": whole call", median(f"{kind}: apply_merges"),
-                           BASELINE, base, target=TARGET,
+    call = timing[f"{kind}: apply_merges"]["median"]
+    rows.append(common.Row(NAME, label + ": whole call", call, BASELINE, base, target=TARGET,
                            notes=f"{common.fmt_bytes(nbytes)} of models", data=data))
     if f"{kind}: kernel" in timing:
-      rows.append(common.Row(NAME, label + ": jitted kernel only", median(f"{kind}: kernel"),
-                             BASELINE, base, target=TARGET, notes="_zip_leaves", data=data))
+      kernel = timing[f"{kind}: kernel"]["median"]
+      rows.append(common.Row(NAME, label + ": jitted kernel only", kernel, BASELINE, base,
+                             target=TARGET, notes="_zip_leaves", data=data))
     else:
       rows.append(common.Row(NAME, label + ": jitted kernel only", None, BASELINE, base,
                              notes=result["why_no_kernel"][kind], data=data))
