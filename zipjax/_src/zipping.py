@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh
 
 from zipjax._src import batchnorm as bn_lib
@@ -135,7 +136,8 @@ class _PackedGroups:
     for shape, is_int in self.layout:
       size = math.prod(shape)
       buf = self.ints if is_int else self.floats
-      fields.append(buf[start[is_int]:start[is_int] + size].reshape(shape))
+      fields.append(lax.reshape(lax.slice(buf, (start[is_int],), (start[is_int] + size,)),
+                                shape))
       start[is_int] += size
     return Groups(*fields)
 
@@ -152,13 +154,25 @@ def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, _PackedGr
 
 
 def _weight(mask: jax.Array, inv_size: jax.Array, role: str) -> jax.Array:
-  """Weights of members (mask (..., K) of groups with 1 / sizes ``inv_size`` (...)): U_m
+  """Weights of members (mask (n, K) of groups with 1 / sizes ``inv_size`` (n,)): U_m
   (IN), M_m (OUT) or M_m squared (VAR). Multiplied by reciprocals taken on the host: XLA
   fuses a product into the gathers, but compiles a division as a program of its own."""
   if role == spec_lib.IN:
     return mask
-  inv = inv_size if role == spec_lib.OUT else inv_size * inv_size
-  return mask * inv[..., None]
+  inv = inv_size if role == spec_lib.OUT else lax.mul(inv_size, inv_size)
+  return lax.mul(mask, lax.broadcast_in_dim(inv, mask.shape, (0,)))
+
+
+def _index0(i: int, a: jax.Array) -> jax.Array:
+  """a[i], as one primitive."""
+  return lax.index_in_dim(a, i, 0, keepdims=False)
+
+
+def _column(a: jax.Array, k: int) -> jax.Array:
+  """a[:, k] of a 2-D array, as one primitive (the zip kernels are built from lax
+  primitives: jnp indexing and jnp.take trace as nested programs, which made tracing and
+  lowering a ResNet-50's kernels take some 4 s)."""
+  return lax.index_in_dim(a, k, 1, keepdims=False)
 
 
 _FLAT_INDEX_LIMIT = 2**31
@@ -184,23 +198,35 @@ def _gather(x: jax.Array, ops: Mapping[int, tuple[jax.Array, jax.Array]]) -> jax
                                      * w[:, k].reshape(bshape) for k in range(idx.shape[1])])
     return x
   strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
-  base = jnp.zeros((), jnp.int32)
+  base = None
   for axis in range(len(shape)):
     if axis not in ops:
-      base = base + jax.lax.broadcasted_iota(jnp.int32, out_shape, axis) * strides[axis]
-  flat = x.reshape(-1)
+      term = lax.broadcasted_iota(jnp.int32, out_shape, axis)
+      if strides[axis] != 1:
+        term = lax.mul(term, np.int32(strides[axis]))
+      base = term if base is None else lax.add(base, term)
+  flat = lax.reshape(x, (x.size,))
+  dnums = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                     start_index_map=(0,))
   terms = []
   items = list(ops.items())
   for ks in itertools.product(*(range(idx.shape[1]) for _, (idx, _) in items)):
-    index, weight = base, jnp.ones((), x.dtype)
+    index, weight = base, None
     for j, k in enumerate(ks):
       axis, (idx, w) = items[j]
-      bshape = [1] * len(shape)
-      bshape[axis] = out_shape[axis]
-      index = index + (idx[:, k] * strides[axis]).reshape(bshape)
-      weight = weight * w[:, k].reshape(bshape)
-    terms.append(jnp.take(flat, jnp.broadcast_to(index, out_shape), mode="clip") * weight)
-  return functools.reduce(jnp.add, terms)
+      column = _column(idx, k)
+      if strides[axis] != 1:
+        column = lax.mul(column, np.int32(strides[axis]))
+      column = lax.broadcast_in_dim(column, out_shape, (axis,))
+      index = column if index is None else lax.add(index, column)
+      w_k = lax.broadcast_in_dim(_column(w, k), out_shape, (axis,))
+      weight = w_k if weight is None else lax.mul(weight, w_k)
+    # The indices come from as_groups and the iotas, in bounds: no clamping is compiled.
+    index = lax.broadcast_in_dim(index, (*out_shape, 1), tuple(range(len(shape))))
+    value = lax.gather(flat, index, dnums, slice_sizes=(1,),
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    terms.append(lax.mul(value, lax.convert_element_type(weight, x.dtype)))
+  return functools.reduce(lax.add, terms)
 
 
 def _scatter_add(y: jax.Array, axis: int, rows: jax.Array, block: jax.Array) -> jax.Array:
@@ -210,7 +236,7 @@ def _scatter_add(y: jax.Array, axis: int, rows: jax.Array, block: jax.Array) -> 
   dnums = jax.lax.ScatterDimensionNumbers(update_window_dims=others,
                                           inserted_window_dims=(axis,),
                                           scatter_dims_to_operand_dims=(axis,))
-  return jax.lax.scatter_add(y, rows[:, None], block, dnums,
+  return jax.lax.scatter_add(y, lax.expand_dims(rows, (1,)), block, dnums,
                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
@@ -232,14 +258,15 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
   for m in ms:
     first.append({}), every.append({}), extra.append({})
     for axis, (g, role) in axes.items():
-      w = _weight(g.mask[m], g.inv_size, role)
-      first[-1][axis] = (g.idx[m, :, :1], w[:, :1])
-      every[-1][axis] = (g.idx[m], w)
+      model = functools.partial(_index0, m)
+      idx, w = model(g.idx), _weight(model(g.mask), g.inv_size, role)
+      first[-1][axis] = (lax.slice_in_dim(idx, 0, 1, axis=1), lax.slice_in_dim(w, 0, 1, axis=1))
+      every[-1][axis] = (idx, w)
       if g.idx.shape[2] > 1 and g.rows.shape[1]:
-        extra[-1][axis] = (g.rows[m], g.rows_idx[m],
-                           _weight(g.rows_mask[m], g.rows_inv_size[m], role))
+        extra[-1][axis] = (model(g.rows), model(g.rows_idx),
+                           _weight(model(g.rows_mask), model(g.rows_inv_size), role))
   models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
-  y = functools.reduce(jnp.add, [_gather(xs[i], first[i]) for i in models])
+  y = functools.reduce(lax.add, [_gather(xs[i], first[i]) for i in models])
   order = sorted(extra[0])
   for j, a in enumerate(order):
     blocks = []
@@ -249,9 +276,9 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
       ops.update({b: every[i][b] for b in order[j + 1:]})
       blocks.append(_gather(xs[i], ops))
     g = axes[a][0]
-    rows = (g.rows.reshape(-1) if list(ms) == list(range(g.rows.shape[0]))  # no copy
-            else jnp.concatenate([extra[i][a][0] for i in models]))
-    y = _scatter_add(y, a, rows, jnp.concatenate(blocks, axis=a))
+    rows = (lax.reshape(g.rows, (g.rows.size,)) if list(ms) == list(range(g.rows.shape[0]))
+            else lax.concatenate([extra[i][a][0] for i in models], 0))  # (no copy, above)
+    y = _scatter_add(y, a, rows, lax.concatenate(blocks, a))
   return y
 
 
@@ -323,7 +350,7 @@ def _zip_leaves_program(spec, trunk, flats: Sequence[Mapping],
     leaves = [f[path] for f in flats]
     dtype = leaves[0].dtype
     axes = spec.leaf_axes(path, leaves[0].ndim)
-    xs = [x.astype(jnp.float32) for x in leaves]
+    xs = [lax.convert_element_type(x, jnp.float32) for x in leaves]
     if trunk is not None and not spec.is_trunk_leaf(path, trunk):
       reads = [(axis, plans[ax.space], spec_lib.IN) for axis, ax in axes.items()
                if ax.role == spec_lib.IN and ax.space in trunk]
