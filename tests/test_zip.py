@@ -327,18 +327,39 @@ def test_as_groups_of_merges_built_from_groups_equals_the_scan_of_m_and_u():
       np.testing.assert_array_equal(fast, scanned)
 
 
-@pytest.mark.parametrize("matcher", [match.greedy(alpha=1.0, beta=1.0), match.identity()])
-def test_packed_groups_unpack_to_the_same_arrays_inside_jit(matcher):
-  # apply_merges sends each space's Groups as two arrays (int32 and float32 fields) and
-  # slices them apart inside the kernel; identity merges have no further members (K = 1,
-  # P = 0), greedy chains have several.
-  groups = zipping.as_groups(matcher(_random_corr(48, 2), num_models=3))
-  packed = zipping._PackedGroups.pack(groups)
-  assert len(jax.tree_util.tree_leaves(packed)) == 2
-  unpacked = jax.jit(lambda p: p.unpack())(jax.device_put(packed))
-  for name, want, got in zip(zipping.Groups._fields, groups, unpacked):
-    assert got.dtype == want.dtype, name
-    np.testing.assert_array_equal(got, want, err_msg=name)
+def test_packed_groups_unpack_to_the_same_arrays_inside_jit():
+  # apply_merges sends the Groups of all spaces as two arrays (int32 and float32 fields) and
+  # slices each space's fields out inside the kernel; identity merges have no further
+  # members (K = 1, P = 0), greedy chains have several.
+  groups = {name: zipping.as_groups(matcher(_random_corr(48, i), num_models=3))
+            for i, (name, matcher) in enumerate([("chains", match.greedy(alpha=1.0, beta=1.0)),
+                                                 ("identity", match.identity()),
+                                                 ("greedy", match.greedy())])}
+  packed = zipping._PackedGroups.pack_all(groups)
+  assert len(jax.tree_util.tree_leaves(packed)) == 2 * len(groups)
+  assert len({id(a) for a in jax.tree_util.tree_leaves(packed)}) == 2  # shared
+  unpacked = jax.jit(lambda p: {k: v.unpack() for k, v in p.items()})(jax.device_put(packed))
+  for space in groups:
+    for name, want, got in zip(zipping.Groups._fields, groups[space], unpacked[space]):
+      assert got.dtype == want.dtype, (space, name)
+      np.testing.assert_array_equal(got, want, err_msg=f"{space} {name}")
+
+
+def test_prepare_merges_sends_all_group_merges_in_two_arrays():
+  spec, _, _ = zoo.make("mlp", num_models=2)
+  merges = _merges(spec, 2, "greedy")
+  merges[spec.space_names[0]] = _soft_merge(spec.width(spec.space_names[0]), 2, 0)  # dense
+  plans = zipping.prepare_merges(merges)
+  assert list(plans) == list(merges)
+  assert isinstance(plans[spec.space_names[0]], tuple)
+  packed = [p for p in plans.values() if isinstance(p, zipping._PackedGroups)]
+  assert len(packed) == len(merges) - 1
+  assert len({id(a) for p in packed for a in (p.ints, p.floats)}) == 2
+  for name, p in plans.items():
+    if isinstance(p, zipping._PackedGroups):
+      for field, want, got in zip(zipping.Groups._fields, zipping.as_groups(merges[name]),
+                                  jax.jit(lambda q: q.unpack())(p)):
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {field}")
 
 
 def test_merges_built_from_groups_are_read_only():
