@@ -221,9 +221,32 @@ def _merges(spec, num_models, kind):
           for i, s in enumerate(spec.spaces)}
 
 
+@pytest.fixture(params=["fused", "blocks"])
+def gather_path(request, monkeypatch):
+  """The zip kernels' two ways to apply group merges: small leaves gather every member in one
+  fused loop, larger ones the first members, then blocks of further members. The test
+  models are small; "blocks" sends every leaf the larger leaves' way."""
+  if request.param == "blocks":
+    monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
+  zipping._zip_leaves_program.clear_cache()  # the kernels are traced with the threshold
+  yield request.param
+  zipping._zip_leaves_program.clear_cache()
+
+
+def test_small_leaves_take_the_fused_path_and_the_fixture_sends_them_to_blocks(gather_path):
+  # The zoo's leaves are all small enough for one fused loop: without the "blocks" setting,
+  # the blocks and scatters would go untested.
+  spec, variables, _ = zoo.make("resnet20", num_models=2)
+  merges = _merges(spec, 2, "greedy_chains")
+  hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
+                ).lower(tuple(spec_lib.flatten(v) for v in variables)).as_text()
+  assert ("scatter" in hlo) == (gather_path == "blocks")
+
+
 @pytest.mark.parametrize("kind", list(MERGE_KINDS))
 @pytest.mark.parametrize("name,num_models", [("mlp", 2), ("mlp", 3), ("resnet20", 2)])
-def test_apply_merges_equals_numpy_reference(name, num_models, kind):
+def test_apply_merges_equals_numpy_reference(name, num_models, kind, gather_path):
+  del gather_path
   spec, variables, _ = zoo.make(name, num_models=num_models)
   merges = _merges(spec, num_models, kind)
   if kind == "greedy_chains":  # the case this test exists for: a model gives a group several
@@ -272,7 +295,8 @@ def test_as_groups_is_exactly_the_merge(dim):
     ("mlp", 3, False, "greedy_chains"), ("mlp", 3, False, "greedy"),
     ("mlp", 3, False, "permute"), ("mlp", 3, True, "greedy_chains"),
     ("resnet20", 2, True, "greedy_chains")])
-def test_every_value_of_every_model_reaches_the_zipped_leaf(name, num_models, partial, kind):
+def test_every_value_of_every_model_reaches_the_zipped_leaf(name, num_models, partial, kind,
+                                                            gather_path):
   # The kernel clears a leaf as finite from one sum over its zipped result. That catches a
   # NaN or inf anywhere in any model only if every value reaches the result with a weight
   # that is not 0. Group merges weigh by 1, 1/|g| or 1/|g|^2 > 0, so the gradient of the
@@ -295,7 +319,7 @@ def test_every_value_of_every_model_reaches_the_zipped_leaf(name, num_models, pa
 
 @pytest.mark.parametrize("kind", ["greedy_chains", "soft"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_apply_merges_finds_a_non_finite_value_at_a_further_member(kind, bad):
+def test_apply_merges_finds_a_non_finite_value_at_a_further_member(kind, bad, gather_path):
   spec, (va, vb), _ = zoo.make("resnet20")
   merges = _merges(spec, 2, kind)
   leaf = "params/stage2_block0/conv2/kernel"  # reads and writes a merged space

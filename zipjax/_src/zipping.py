@@ -265,6 +265,14 @@ def _scatter_add(y: jax.Array, axis: int, rows: jax.Array, block: jax.Array) -> 
                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+# Leaves whose every member combination takes at most this many gathered values (the leaf's
+# size times the product of K over its axes) gather them all in one fused loop, with no
+# blocks and scatters: the BatchNorm and bias leaves, small convolutions. Each of XLA's
+# fused loops costs some 8 ms of compilation on the CPU; for two ResNet-50s with greedy
+# merges this cut the kernels' compilation from 11.9 to 7.7 s, at the same run time.
+_SMALL_GATHERS = 2**17
+
+
 def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
                   axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
   """The sum over models m in ``ms`` of model m's side of group-average merges, applied on
@@ -277,7 +285,8 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
   them, every member on the axes after a. For each axis, the models' blocks of such terms
   (as small as those groups) are computed in one fused gather and scatter-added in place
   with one scatter. A merge with such groups so costs about one pass over the leaf, and
-  compiles to 1 + 2 x (axes) operations whatever the number of models.
+  compiles to 1 + 2 x (axes) operations whatever the number of models. Small leaves
+  (``_SMALL_GATHERS``) gather every member combination in one operation instead.
   """
   first, every, extra = [], [], []
   for m in ms:
@@ -291,6 +300,9 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
         extra[-1][axis] = (model(g.rows), model(g.rows_idx),
                            _weight(model(g.rows_mask), model(g.rows_inv_size), role))
   models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
+  terms = math.prod(g.idx.shape[2] for g, _ in axes.values())
+  if not extra[0] or xs[0].size * terms <= _SMALL_GATHERS:  # every member in one fused loop
+    return functools.reduce(lax.add, [_gather(xs[i], every[i]) for i in models])
   y = functools.reduce(lax.add, [_gather(xs[i], first[i]) for i in models])
   order = sorted(extra[0])
   for j, a in enumerate(order):
