@@ -9,7 +9,10 @@ on both models' variables.
 Two rows per case: the whole public call (it also validates the inputs and turns the merges
 into gather indices) and, where the library's internal kernel can be reached, the jitted
 kernel alone on inputs prepared as the call prepares them. Compilation is excluded; the
-median of the repeats is reported. All merge kinds of one architecture are timed in the same
+median of the repeats is reported. Two more rows time single first calls, compilation
+included: on the merges, then on other merges of the same kind (another seed), which finds
+the kernels compiled only if the merges have the same shapes (identity merges do; greedy
+merges of other sizes K and P compile again). All merge kinds of one architecture are timed in the same
 rounds against one baseline.
 
 Everything is measured in a fresh process with glibc told to keep the memory it frees
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -120,8 +124,12 @@ def _time_case(case: Case, s: Settings) -> dict:
   variables = common.init_models(model, 2, case.image_size)
   copy = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x * 1.0, t))
   fns = {"baseline": lambda: copy(variables)}
-  why = {}
+  why, first_calls = {}, {}
   for kind in s.merges:
+    # First calls, compilation included: on these merges, then on other merges of the kind
+    # (another seed: greedy merges of other sizes K and P compile again).
+    first_calls[kind] = [_first_call(spec, variables, make_merges(spec, 2, kind, seed=seed))
+                         for seed in (0, 1)]
     merges = make_merges(spec, 2, kind)
     fns[f"{kind}: apply_merges"] = (
         lambda merges=merges: zipjax.apply_merges(spec, variables, merges))
@@ -131,7 +139,14 @@ def _time_case(case: Case, s: Settings) -> dict:
   timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
   return {"case": dataclasses.asdict(case), "label": common.model_label(case.arch, case.width),
           "bytes_of_models": common.tree_bytes(variables), "leaves": len(spec.leaves),
-          "why_no_kernel": why, "timing": {k: v.to_json() for k, v in timing.items()}}
+          "why_no_kernel": why, "first_calls": first_calls,
+          "timing": {k: v.to_json() for k, v in timing.items()}}
+
+
+def _first_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.Merge]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(zipjax.apply_merges(spec, variables, merges))
+  return time.perf_counter() - start
 
 
 def measure(payload: Mapping[str, Any]) -> dict:
@@ -153,6 +168,10 @@ def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
     call = timing[f"{kind}: apply_merges"]["median"]
     rows.append(common.Row(NAME, label + ": whole call", call, BASELINE, base, target=TARGET,
                            notes=f"{common.fmt_bytes(nbytes)} of models", data=data))
+    firsts = ("first call (compiling)", "first call on other merges of the kind")
+    for what, seconds in zip(firsts, result["first_calls"][kind]):
+      rows.append(common.Row(NAME, f"{label}: {what}", seconds, "none (compilation included)",
+                             None, notes="one call", data=data))
     if f"{kind}: kernel" in timing:
       kernel = timing[f"{kind}: kernel"]["median"]
       rows.append(common.Row(NAME, label + ": jitted kernel only", kernel, BASELINE, base,
