@@ -146,6 +146,7 @@ class _PackedGroups:
 
   @classmethod
   def pack(cls, groups: Groups) -> _PackedGroups:
+    """One space's Groups in two numpy arrays of its own."""
     return cls.pack_all({"": groups})[""]
 
   def unpack(self) -> Groups:
