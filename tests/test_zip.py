@@ -228,8 +228,11 @@ def gather_path(request, monkeypatch):
   models are small; "blocks" sends every leaf the larger leaves' way."""
   if request.param == "blocks":
     monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-  zipping._zip_leaves_program.clear_cache()  # the kernels are traced with the threshold
+    monkeypatch.setattr(zipping, "_SMALL_LEAF", 0)
+  zipping._programs.cache_clear()  # the programs are split and traced with the thresholds
+  zipping._zip_leaves_program.clear_cache()
   yield request.param
+  zipping._programs.cache_clear()
   zipping._zip_leaves_program.clear_cache()
 
 
@@ -374,16 +377,43 @@ def test_prepare_merges_sends_all_group_merges_in_two_arrays():
   merges = _merges(spec, 2, "greedy")
   merges[spec.space_names[0]] = _soft_merge(spec.width(spec.space_names[0]), 2, 0)  # dense
   plans = zipping.prepare_merges(merges)
-  assert list(plans) == list(merges)
-  assert isinstance(plans[spec.space_names[0]], tuple)
-  packed = [p for p in plans.values() if isinstance(p, zipping._PackedGroups)]
+  assert list(plans.device) == list(merges)
+  assert isinstance(plans.device[spec.space_names[0]], tuple)
+  assert spec.space_names[0] not in plans.members
+  packed = [p for p in plans.device.values() if isinstance(p, zipping._PackedGroups)]
   assert len(packed) == len(merges) - 1
   assert len({id(a) for p in packed for a in (p.ints, p.floats)}) == 2
-  for name, p in plans.items():
+  for name, p in plans.device.items():
     if isinstance(p, zipping._PackedGroups):
-      for field, want, got in zip(zipping.Groups._fields, zipping.as_groups(merges[name]),
+      groups = zipping.as_groups(merges[name])
+      for field, want, got in zip(zipping.Groups._fields, groups,
                                   jax.jit(lambda q: q.unpack())(p)):
         np.testing.assert_array_equal(got, want, err_msg=f"{name} {field}")
+      # The small leaves' members: the same members, K rounded up with weight-0 padding.
+      members = plans.members[name]
+      k = groups.idx.shape[2]
+      assert members.idx.shape[2] == (1 if k == 1 else max(4, 1 << (k - 1).bit_length()))
+      np.testing.assert_array_equal(members.idx[:, :, :k], groups.idx)
+      np.testing.assert_array_equal(members.mask[:, :, :k], groups.mask)
+      assert not members.mask[:, :, k:].any()
+
+
+def test_programs_of_small_leaves_are_found_compiled_for_other_merges():
+  # Greedy merges of other models have other sizes K and P. The programs of small leaves
+  # take neither P nor the exact K, so they compile once; the zoo's leaves are all small.
+  spec, variables, _ = zoo.make("resnet20", num_models=2)
+  flats = tuple(spec_lib.flatten(v) for v in variables)
+  assert all(x.size <= zipping._SMALL_LEAF for x in flats[0].values())
+  zipping._zip_leaves_program.clear_cache()
+  sizes, shapes = [], set()
+  for seed in range(3):
+    merges = {s.name: match.greedy()(_random_corr(2 * s.width, 100 * seed + i), num_models=2)
+              for i, s in enumerate(spec.spaces)}
+    shapes.add(tuple(zipping.as_groups(m).rows.shape for m in merges.values()))
+    zipping._zip_leaves(spec, None, flats, zipping.prepare_merges(merges))
+    sizes.append(zipping._zip_leaves_program._cache_size())
+  assert len(shapes) == 3  # the merges' P differ: programs taking P would compile again
+  assert sizes == [sizes[0]] * 3
 
 
 def test_merges_built_from_groups_are_read_only():

@@ -57,6 +57,28 @@ class Groups(NamedTuple):
   inv_size: jax.Array  # (n,) float32: 1 / the groups' sizes
 
 
+class _Members(NamedTuple):
+  """Every member of every group, for leaves small enough to gather them all in one fused
+  loop (``_SMALL_LEAF``): Groups without the rows, whose sizes P change with every merge,
+  and with K rounded up (:func:`_members`), so that programs of small leaves are found
+  compiled for other merges of the same widths."""
+
+  idx: jax.Array  # (N, n, K) int32
+  mask: jax.Array  # (N, n, K) float32
+  inv_size: jax.Array  # (n,) float32
+
+
+def _members(groups: Groups) -> _Members:
+  """``groups`` as _Members, with K = 1 (a permutation) kept and any other K rounded up to
+  a power of two, at least 4: greedy merges have K of 2 or 3 in varying spaces, and every
+  space of a program must keep its K for the program to be found compiled."""
+  num, n, k = groups.idx.shape
+  shape = (num, n, 1 if k == 1 else max(4, 1 << (k - 1).bit_length()))
+  idx, mask = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+  idx[:, :, :k], mask[:, :, :k] = groups.idx, groups.mask
+  return _Members(idx, mask, groups.inv_size)
+
+
 def as_groups(merge: match_lib.Merge) -> Groups | None:
   """The Groups form of ``merge``, or None if it is not an averaging of feature groups (a
   matcher may return any M and U; those are zipped with dense blocks)."""
@@ -116,7 +138,8 @@ class _PackedGroups:
   ResNet-50's merges cost some 14 ms of per-array transfer overhead a call, a fifth of
   apply_merges; as two arrays a space, 2.8 ms; as two arrays in all, one transfer."""
 
-  def __init__(self, ints, floats, layout: tuple[tuple[tuple[int, ...], bool, int], ...]):
+  def __init__(self, ints, floats, layout: tuple[type, tuple[tuple[tuple[int, ...], bool, int],
+                                                            ...]]):
     self.ints, self.floats, self.layout = ints, floats, layout
 
   def tree_flatten(self):
@@ -127,8 +150,8 @@ class _PackedGroups:
     return cls(*leaves, layout)
 
   @classmethod
-  def pack_all(cls, groups: Mapping[str, Groups]) -> dict[str, _PackedGroups]:
-    """{space: its packed Groups}, all in two shared numpy arrays."""
+  def pack_all(cls, groups: Mapping[str, Groups | _Members]) -> dict[str, _PackedGroups]:
+    """{space: its packed Groups (or _Members)}, all in two shared numpy arrays."""
     bufs: dict[bool, list] = {True: [], False: []}
     size = {True: 0, False: 0}
     layouts = {}
@@ -139,7 +162,7 @@ class _PackedGroups:
         layout.append((a.shape, is_int, size[is_int]))
         bufs[is_int].append(a.ravel())
         size[is_int] += a.size
-      layouts[name] = tuple(layout)
+      layouts[name] = (type(g), tuple(layout))
     ints = np.concatenate(bufs[True] or [np.zeros(0)]).astype(np.int32)
     floats = np.concatenate(bufs[False] or [np.zeros(0)]).astype(np.float32)
     return {name: cls(ints, floats, layout) for name, layout in layouts.items()}
@@ -149,19 +172,29 @@ class _PackedGroups:
     """One space's Groups in two numpy arrays of its own."""
     return cls.pack_all({"": groups})[""]
 
-  def unpack(self) -> Groups:
-    """The Groups, sliced out of the two arrays (inside a jitted program: static slices)."""
+  def unpack(self) -> Groups | _Members:
+    """The Groups (or _Members), sliced out of the two arrays (inside a jitted program:
+    static slices)."""
+    kind, layout = self.layout
     fields = []
-    for shape, is_int, start in self.layout:
+    for shape, is_int, start in layout:
       buf = self.ints if is_int else self.floats
       fields.append(lax.reshape(lax.slice(buf, (start,), (start + math.prod(shape),)), shape))
-    return Groups(*fields)
+    return kind(*fields)
 
 
-def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, _PackedGroups | tuple]:
-  """{space: packed Groups} where a merge averages groups, else {space: (M blocks, U
-  blocks)}, on the device: the Groups of all spaces in two arrays (see
-  :class:`_PackedGroups`), all in one transfer."""
+class _Plans(NamedTuple):
+  """The merges as the zip programs take them: ``device``, {space: packed Groups} (every
+  space's in two arrays, one transfer) or {space: (M blocks, U blocks)} for merges that are
+  no group averages, on the device; ``members``, {space: _Members} on the host, packed for
+  each program of small leaves by :func:`_zip_leaves`."""
+
+  device: dict[str, _PackedGroups | tuple]
+  members: dict[str, _Members]
+
+
+def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> _Plans:
+  """The merges, ready for :func:`_zip_leaves`."""
   groups, dense = {}, {}
   for name, merge in merges.items():
     g = as_groups(merge)
@@ -176,7 +209,8 @@ def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> dict[str, _PackedGr
     packed = {name: _PackedGroups(ints, floats, p.layout) for name, p in packed.items()}
   else:
     dense = jax.device_put(dense)
-  return {name: packed[name] if name in packed else dense[name] for name in merges}
+  return _Plans({name: packed[name] if name in packed else dense[name] for name in merges},
+                {name: _members(g) for name, g in groups.items()})
 
 
 def _weight(mask: jax.Array, inv_size: jax.Array, role: str) -> jax.Array:
@@ -295,14 +329,17 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
     for axis, (g, role) in axes.items():
       model = functools.partial(_index0, m)
       idx, w = model(g.idx), _weight(model(g.mask), g.inv_size, role)
-      first[-1][axis] = (lax.slice_in_dim(idx, 0, 1, axis=1), lax.slice_in_dim(w, 0, 1, axis=1))
       every[-1][axis] = (idx, w)
+      if isinstance(g, _Members):
+        continue
+      first[-1][axis] = (lax.slice_in_dim(idx, 0, 1, axis=1), lax.slice_in_dim(w, 0, 1, axis=1))
       if g.idx.shape[2] > 1 and g.rows.shape[1]:
         extra[-1][axis] = (model(g.rows), model(g.rows_idx),
                            _weight(model(g.rows_mask), model(g.rows_inv_size), role))
   models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
   terms = math.prod(g.idx.shape[2] for g, _ in axes.values())
-  if not extra[0] or xs[0].size * terms <= _SMALL_GATHERS:  # every member in one fused loop
+  if (any(isinstance(g, _Members) for g, _ in axes.values()) or not extra[0]
+      or xs[0].size * terms <= _SMALL_GATHERS):  # every member in one fused loop
     return functools.reduce(lax.add, [_gather(xs[i], every[i]) for i in models])
   y = functools.reduce(lax.add, [_gather(xs[i], first[i]) for i in models])
   order = sorted(extra[0])
@@ -327,7 +364,7 @@ def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
   gathers = {}
   xs = list(xs)
   for axis, plan, role in axes:
-    if isinstance(plan, Groups):
+    if isinstance(plan, (Groups, _Members)):
       gathers[axis] = (plan, role)
       continue
     mats, ums = plan
@@ -345,30 +382,55 @@ def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
 _LEAVES_PER_PROGRAM = 32
 
 
-def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: Mapping) -> tuple[dict, list]:
+# Leaves of at most this many values are zipped in programs of their own, from _Members.
+_SMALL_LEAF = 2**15
+
+
+def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: _Plans) -> tuple[dict, list]:
   """:func:`_zip_leaves_program` over the leaves in programs of at most
   ``_LEAVES_PER_PROGRAM`` leaves: compiling all the leaves of a ResNet-50 with greedy merges
   as one program took 700-960 MiB (more than the models and their statistics) and 17-23 s;
-  programs of 32 leaves took 180 MiB at most, about as long, and run as fast. Returns the
-  zipped leaves and each program's flag that its leaves are finite."""
+  programs of 32 leaves took 180 MiB at most, about as long, and run as fast. Small leaves
+  (BatchNorm and bias leaves, the smallest convolutions) are in programs of their own, fed
+  their spaces' _Members, packed for each program (one transfer for all): their shapes
+  depend on the widths and K only, so those programs are mostly found compiled when other
+  merges of the same models are applied. Returns the zipped leaves and each program's flag
+  that its leaves are finite."""
+  programs = _programs(spec, tuple((p, x.ndim, x.size) for p, x in flats[0].items()))
+  members = _put_packed([
+      _PackedGroups.pack_all({name: plans.members[name] for name in spaces
+                              if name in plans.members}) if small else {}
+      for _, spaces, small in programs])
   out, finite = {}, []
-  for paths, spaces in _programs(spec, tuple((p, x.ndim) for p, x in flats[0].items())):
+  for (paths, spaces, small), packed in builtins.zip(programs, members):
+    program_plans = {name: packed.get(name, plans.device[name]) for name in spaces
+                     if name in plans.device}
     leaves, flags = _zip_leaves_program(spec, trunk, tuple({p: f[p] for p in paths}
-                                                           for f in flats),
-                                        {name: plans[name] for name in spaces if name in plans})
+                                                           for f in flats), program_plans)
     out.update(leaves)
     finite.append(flags)
-  return out, finite
+  return {p: out[p] for p in flats[0]}, finite
+
+
+def _put_packed(packed: Sequence[Mapping[str, _PackedGroups]]) -> list[dict[str, _PackedGroups]]:
+  """Each dict's packed arrays (shared within a dict) on the device, in one transfer."""
+  bufs = jax.device_put([(next(iter(d.values())).ints, next(iter(d.values())).floats)
+                         if d else () for d in packed])
+  return [{name: _PackedGroups(*buf, p.layout) for name, p in d.items()}
+          for d, buf in builtins.zip(packed, bufs)]
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(spec, leaves: tuple) -> list[tuple[tuple, tuple]]:
-  """The leaves ((path, ndim), ...) split into programs: (paths, spaces they use)."""
+def _programs(spec, leaves: tuple) -> list[tuple[tuple, tuple, bool]]:
+  """The leaves ((path, ndim, size), ...) split into programs: (paths, spaces they use,
+  whether its leaves are small), the small leaves first."""
   programs = []
-  for start in range(0, len(leaves), _LEAVES_PER_PROGRAM):
-    chunk = leaves[start:start + _LEAVES_PER_PROGRAM]
-    spaces = {ax.space for p, ndim in chunk for ax in spec.leaf_axes(p, ndim).values()}
-    programs.append((tuple(p for p, _ in chunk), tuple(sorted(spaces))))
+  for small in (True, False):
+    kept = [(p, ndim) for p, ndim, size in leaves if (size <= _SMALL_LEAF) == small]
+    for start in range(0, len(kept), _LEAVES_PER_PROGRAM):
+      chunk = kept[start:start + _LEAVES_PER_PROGRAM]
+      spaces = {ax.space for p, ndim in chunk for ax in spec.leaf_axes(p, ndim).values()}
+      programs.append((tuple(p for p, _ in chunk), tuple(sorted(spaces)), small))
   return programs
 
 
