@@ -167,11 +167,6 @@ class _PackedGroups:
     floats = np.concatenate(bufs[False] or [np.zeros(0)]).astype(np.float32)
     return {name: cls(ints, floats, layout) for name, layout in layouts.items()}
 
-  @classmethod
-  def pack(cls, groups: Groups) -> _PackedGroups:
-    """One space's Groups in two numpy arrays of its own."""
-    return cls.pack_all({"": groups})[""]
-
   def unpack(self) -> Groups | _Members:
     """The Groups (or _Members), sliced out of the two arrays (inside a jitted program:
     static slices)."""
@@ -202,13 +197,7 @@ def prepare_merges(merges: Mapping[str, match_lib.Merge]) -> _Plans:
       groups[name] = g
     else:
       dense[name] = tuple(np.stack(b) for b in merge.blocks())
-  packed = _PackedGroups.pack_all(groups)
-  if packed:
-    some = next(iter(packed.values()))
-    ints, floats, dense = jax.device_put((some.ints, some.floats, dense))
-    packed = {name: _PackedGroups(ints, floats, p.layout) for name, p in packed.items()}
-  else:
-    dense = jax.device_put(dense)
+  (packed,), dense = _put_packed([_PackedGroups.pack_all(groups)]), jax.device_put(dense)
   return _Plans({name: packed[name] if name in packed else dense[name] for name in merges},
                 {name: _members(g) for name, g in groups.items()})
 
@@ -309,7 +298,7 @@ _SMALL_GATHERS = 2**17
 
 
 def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
-                  axes: Mapping[int, tuple[Groups, str]]) -> jax.Array:
+                  axes: Mapping[int, tuple[Groups | _Members, str]]) -> jax.Array:
   """The sum over models m in ``ms`` of model m's side of group-average merges, applied on
   every axis in ``axes`` ({axis: (groups, role)}) to its leaf ``xs[i]``.
 
@@ -321,7 +310,8 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
   (as small as those groups) are computed in one fused gather and scatter-added in place
   with one scatter. A merge with such groups so costs about one pass over the leaf, and
   compiles to 1 + 2 x (axes) operations whatever the number of models. Small leaves
-  (``_SMALL_GATHERS``) gather every member combination in one operation instead.
+  (``_SMALL_GATHERS``, and every leaf given _Members) gather every member combination in
+  one operation instead.
   """
   first, every, extra = [], [], []
   for m in ms:
@@ -413,9 +403,9 @@ def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: _Plans) -> tuple[d
 
 
 def _put_packed(packed: Sequence[Mapping[str, _PackedGroups]]) -> list[dict[str, _PackedGroups]]:
-  """Each dict's packed arrays (shared within a dict) on the device, in one transfer."""
-  bufs = jax.device_put([(next(iter(d.values())).ints, next(iter(d.values())).floats)
-                         if d else () for d in packed])
+  """Each dict's packed arrays (the two its entries share) on the device, in one transfer."""
+  shared = [next(iter(d.values()), None) for d in packed]
+  bufs = jax.device_put([(p.ints, p.floats) if p is not None else () for p in shared])
   return [{name: _PackedGroups(*buf, p.layout) for name, p in d.items()}
           for d, buf in builtins.zip(packed, bufs)]
 
