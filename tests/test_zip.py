@@ -228,7 +228,6 @@ def gather_path(request, monkeypatch):
   models are small; "blocks" sends every leaf the larger leaves' way."""
   if request.param == "blocks":
     monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-    monkeypatch.setattr(zipping, "_SMALL_LEAF", 0)
   zipping._programs.cache_clear()  # the programs are split and traced with the thresholds
   zipping._zip_leaves_program.clear_cache()
   yield request.param
@@ -399,12 +398,15 @@ def test_prepare_merges_sends_all_group_merges_in_two_arrays():
       assert not members.mask[:, :, k:].any()
 
 
-def test_programs_of_small_leaves_are_found_compiled_for_other_merges():
+def test_programs_of_small_leaves_are_found_compiled_for_other_merges(monkeypatch):
   # Greedy merges of other models have other sizes K and P. The programs of small leaves
-  # take neither P nor the exact K, so they compile once; the zoo's leaves are all small.
+  # take neither P nor the exact K, so they compile once; here every leaf counts as small.
+  monkeypatch.setattr(zipping, "_SMALL_GATHERS", 2**30)
   spec, variables, _ = zoo.make("resnet20", num_models=2)
   flats = tuple(spec_lib.flatten(v) for v in variables)
-  assert all(x.size <= zipping._SMALL_LEAF for x in flats[0].values())
+  assert all(zipping._is_small(x.size, len(spec.leaf_axes(p, x.ndim)))
+             for p, x in flats[0].items())
+  zipping._programs.cache_clear()
   zipping._zip_leaves_program.clear_cache()
   sizes, shapes = [], set()
   for seed in range(3):
@@ -413,6 +415,8 @@ def test_programs_of_small_leaves_are_found_compiled_for_other_merges():
     shapes.add(tuple(zipping.as_groups(m).rows.shape for m in merges.values()))
     zipping._zip_leaves(spec, None, flats, zipping.prepare_merges(merges))
     sizes.append(zipping._zip_leaves_program._cache_size())
+  zipping._programs.cache_clear()
+  zipping._zip_leaves_program.clear_cache()
   assert len(shapes) == 3  # the merges' P differ: programs taking P would compile again
   assert sizes == [sizes[0]] * 3
 

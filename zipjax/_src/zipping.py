@@ -59,7 +59,7 @@ class Groups(NamedTuple):
 
 class _Members(NamedTuple):
   """Every member of every group, for leaves small enough to gather them all in one fused
-  loop (``_SMALL_LEAF``): Groups without the rows, whose sizes P change with every merge,
+  loop (:func:`_is_small`): Groups without the rows, whose sizes P change with every merge,
   and with K rounded up (:func:`_members`), so that programs of small leaves are found
   compiled for other merges of the same widths."""
 
@@ -372,8 +372,11 @@ def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
 _LEAVES_PER_PROGRAM = 32
 
 
-# Leaves of at most this many values are zipped in programs of their own, from _Members.
-_SMALL_LEAF = 2**15
+def _is_small(size: int, num_axes: int) -> bool:
+  """Whether a leaf of ``size`` values with ``num_axes`` merged axes is zipped in a program
+  of small leaves, from _Members: at most ``_SMALL_GATHERS`` values gathered at K = 4 (the
+  rounded K of greedy merges), so that the rounding costs at most that."""
+  return size * 4**num_axes <= _SMALL_GATHERS
 
 
 def _zip_leaves(spec, trunk, flats: Sequence[Mapping], plans: _Plans) -> tuple[dict, list]:
@@ -416,7 +419,8 @@ def _programs(spec, leaves: tuple) -> list[tuple[tuple, tuple, bool]]:
   whether its leaves are small), the small leaves first."""
   programs = []
   for small in (True, False):
-    kept = [(p, ndim) for p, ndim, size in leaves if (size <= _SMALL_LEAF) == small]
+    kept = [(p, ndim) for p, ndim, size in leaves
+            if _is_small(size, len(spec.leaf_axes(p, ndim))) == small]
     for start in range(0, len(kept), _LEAVES_PER_PROGRAM):
       chunk = kept[start:start + _LEAVES_PER_PROGRAM]
       spaces = {ax.space for p, ndim in chunk for ax in spec.leaf_axes(p, ndim).values()}
