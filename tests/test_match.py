@@ -66,6 +66,72 @@ def test_greedy_equals_plain_loop_on_wide_structured_spaces(n, N, alpha, beta, s
   np.testing.assert_array_equal(fast.U, ref.U)
 
 
+@pytest.mark.parametrize("compact", [0, 3, 10**6], ids=["never", "default", "every-batch"])
+@pytest.mark.parametrize("n,N,alpha,beta", [(64, 2, 1.0, 0.5), (64, 2, 0.1, 0.5),
+                                            (24, 4, 0.5, 1.0), (24, 4, 0.7, 0.0),
+                                            (40, 3, 0.3, 0.25)])
+@pytest.mark.parametrize("quantise", [False, True])
+def test_greedy_compaction_keeps_the_plain_loop_result(monkeypatch, compact, n, N, alpha, beta,
+                                                       quantise):
+  from zipjax._src import match as match_lib  # pylint: disable=g-import-not-at-top
+  calls = []
+  compacted = match_lib._compacted
+
+  def counted(*args):
+    calls.append(len(args[1]))
+    return compacted(*args)
+
+  monkeypatch.setattr(match_lib, "_COMPACT", compact)
+  monkeypatch.setattr(match_lib, "_CHUNK", 7)  # several chunks, the last one short
+  monkeypatch.setattr(match_lib, "_compacted", counted)
+  corr = twin_corr(n, N, seed=n + N + 1)
+  if quantise:
+    corr = np.round(corr, 1)
+  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
+  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
+  np.testing.assert_array_equal(fast.M, ref.M)
+  np.testing.assert_array_equal(fast.U, ref.U)
+  if compact == 0:
+    assert not calls
+  else:
+    assert calls and all(a > b for a, b in zip(calls, calls[1:])), calls
+    if compact > 3 and N > 2:  # the case covers compacting again and again
+      assert len(calls) > 5, calls
+
+
+def test_compacted_equals_the_in_place_update():
+  from zipjax._src import match as match_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  dim, alpha = 40, np.float32(0.3)
+  a = rng.normal(size=(dim, dim)).astype(np.float32)
+  C = match_lib._symmetrise(a)
+  np.fill_diagonal(C, -np.inf)
+  I, J = np.array([9, 2, 30]), np.array([17, 5, 31])
+  new = alpha * np.minimum(C[I], C[J])
+  # The in-place update, on a plain copy: merged rows, merged columns, their block.
+  ref = np.array(C)
+  ref[I] = new
+  ref[:, I] = new.T
+  ref[np.ix_(I, I)] = alpha * np.minimum(new[:, I], new[:, J])
+  keep = np.setdiff1d(np.arange(dim), J)
+  out, rowmax, rowarg = match_lib._compacted(C, keep, np.searchsorted(keep, I), J, new, alpha)
+  want = ref[np.ix_(keep, keep)]
+  np.testing.assert_array_equal(out, want)
+  np.testing.assert_array_equal(out, out.T)
+  np.testing.assert_array_equal(rowarg, want.argmax(1))
+  np.testing.assert_array_equal(rowmax, want.max(1))
+  assert np.shares_memory(out, C)  # written over C's own memory
+
+
+def test_lazily_equals_zip_of_lists():
+  from zipjax._src import match as match_lib  # pylint: disable=g-import-not-at-top
+  for length in (0, 1, 3, 4, 11, 12, 13, 100):
+    a, b = np.arange(length), np.arange(length) * 2.0
+    got = list(match_lib._lazily(a, b, chunk=4))
+    assert got == list(zip(a.tolist(), b.tolist()))
+    assert all(type(x) is int and type(y) is float for x, y in got)
+
+
 def test_greedy_does_not_modify_its_input():
   corr = twin_corr(16, 2, seed=0)
   before = corr.copy()

@@ -150,10 +150,14 @@ def _symmetrise(a: np.ndarray, tile: int = 128) -> np.ndarray:
   return out
 
 
-def _padded(dim: int, dtype) -> np.ndarray:
-  """An uninitialised (dim, dim) array whose rows lie 64 bytes more than a row apart."""
+def _padded(dim: int, dtype, buffer: np.ndarray | None = None) -> np.ndarray:
+  """An uninitialised (dim, dim) array whose rows lie 64 bytes more than a row apart, in
+  the memory of ``buffer`` (a C-contiguous array at least that large) if given. Its ``base``
+  is the C-contiguous array it lies in."""
   pad = 64 // np.dtype(dtype).itemsize
-  return np.empty((dim, dim + pad), dtype)[:, :dim]
+  if buffer is None:
+    return np.empty((dim, dim + pad), dtype)[:, :dim]
+  return buffer.reshape(-1)[:dim * (dim + pad)].reshape(dim, dim + pad)[:, :dim]
 
 
 def same_model_budget(beta: float, num_models: int, width: int) -> int:
@@ -163,6 +167,78 @@ def same_model_budget(beta: float, num_models: int, width: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Greedy (ZipIt!)
+
+
+_CHUNK = 128  # rows per step of the work over whole rows of C
+_COMPACT = 3  # compact C once a third of its positions are merged away
+
+
+def _merged_rows(C: np.ndarray, I: np.ndarray, J: np.ndarray, alpha: float) -> np.ndarray:
+  """alpha * min(C[I], C[J]), row by row. Computed in chunks of rows, so that the only large
+  array allocated is the result: the temporaries come from memory the process reuses, where
+  fresh arrays of the whole size cost page faults (a first batch merges hundreds of rows)."""
+  new = np.empty((len(I), C.shape[1]), C.dtype)
+  for lo in range(0, len(I), _CHUNK):
+    out = new[lo:lo + _CHUNK]
+    np.minimum(C[I[lo:lo + _CHUNK]], C[J[lo:lo + _CHUNK]], out=out)
+    out *= alpha
+  return new
+
+
+def _lazily(*arrays: np.ndarray, chunk: int = 32):
+  """zip(*arrays) as Python scalars, converted in chunks that double in length: a batch
+  usually stops within its first few candidates, and converting whole arrays cost more than
+  the loop over them."""
+  for step in itertools.count():
+    start = chunk * (2 ** step - 1)
+    if start >= len(arrays[0]):
+      return
+    yield from zip(*(a[start:start + chunk * 2 ** step].tolist() for a in arrays))
+
+
+def _compacted(C: np.ndarray, keep: np.ndarray, at: np.ndarray, J: np.ndarray, new: np.ndarray,
+               alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """C at the positions ``keep`` after merging J into the kept positions ``keep[at]``, whose
+  merged rows are ``new`` (alpha times the smaller of the two members' rows); and each row's
+  maximum and its first position.
+
+  A merged feature's column is alpha times the smaller of its members' columns, and C is
+  symmetric, so the result is symmetric, with the block between merged features alpha times
+  the smaller of four values, as the in-place update writes it.
+
+  The result is written over C's own memory (C must be a :func:`_padded` array), in chunks
+  of rows: a row of the result never lies beyond the rows of C that later chunks read, since
+  ``keep`` is increasing and the result's rows are shorter. No large array is allocated: a
+  fresh one costs more in page faults here than the copying does.
+  """
+  size = len(keep)
+  out = _padded(size, C.dtype, C.base)
+  other = keep.copy()
+  other[at] = J
+  merged = np.zeros(size, bool)
+  merged[at] = True
+  source = np.zeros(size, np.intp)  # the row of ``new`` of each merged position
+  source[at] = np.arange(len(at))
+  scale = None
+  if alpha != 1:
+    scale = np.ones(size, C.dtype)
+    scale[at] = alpha
+  rowmax = np.empty(size, C.dtype)
+  rowarg = np.empty(size, np.intp)
+  rows = np.empty((_CHUNK, C.shape[1]), C.dtype)
+  for lo in range(0, size, _CHUNK):
+    hi = min(lo + _CHUNK, size)
+    part = rows[:hi - lo]
+    here = merged[lo:hi]
+    part[~here] = C[keep[lo:hi][~here]]  # copied before the chunk's result is written
+    part[here] = new[source[lo:hi][here]]
+    block = np.minimum(np.take(part, keep, 1), np.take(part, other, 1))
+    if scale is not None:
+      block *= scale
+    out[lo:hi] = block
+    rowarg[lo:hi] = block.argmax(1)
+    rowmax[lo:hi] = block[np.arange(hi - lo), rowarg[lo:hi]]
+  return out, rowmax, rowarg
 
 
 def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) -> np.ndarray:
@@ -183,18 +259,24 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
 
   The diagonal is -inf in C. Merged-away features are masked when a row is read (their
   columns are never written again, their rows never read), and a model's own block once its
-  budget is spent.
+  budget is spent. Once a third of C's positions are merged away, C is compacted in its own
+  memory (:func:`_compacted`), so that later batches read shorter rows.
   """
   dim = corr.shape[0]
   n = dim // num_models
   C = corr  # the caller's fresh copy, updated in place
   neg = C.dtype.type(-np.inf)
   np.fill_diagonal(C, neg)
+  # Rows and columns of C are positions; ids[position] is the feature. Compaction drops the
+  # positions of merged-away features (keeping the order, so ties break alike).
+  ids = np.arange(dim)
+  size = dim
   owner = np.arange(dim) // n
+  mine = [np.arange(o * n, (o + 1) * n) for o in range(num_models)]  # each model's positions
   active = np.ones(dim, bool)
   budget = [same_model_budget(beta, num_models, n)] * num_models
   into = np.arange(dim)  # the feature each one merged into (itself while active)
-  gone = np.zeros(dim, C.dtype)  # -inf at merged-away features: added to a row, masks them
+  gone = np.zeros(dim, C.dtype)  # -inf at merged-away positions: added to a row, masks them
 
   def without_spent(vals: np.ndarray, rows: np.ndarray,
                     cols: np.ndarray | None = None) -> np.ndarray:
@@ -203,11 +285,10 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     for o in range(num_models):
       if budget[o]:
         continue
-      mine = np.flatnonzero(owner[rows] == o)
-      if len(mine):
-        theirs = (np.arange(o * n, (o + 1) * n) if cols is None
-                  else np.flatnonzero(owner[cols] == o))
-        vals[np.ix_(mine, theirs)] = neg
+      own = np.flatnonzero(owner[rows] == o)
+      if len(own):
+        theirs = mine[o] if cols is None else np.flatnonzero(owner[cols] == o)
+        vals[np.ix_(own, theirs)] = neg
     return vals
 
   def row_maxima(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +304,7 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
   else:
     rowmax, rowarg = row_maxima(np.arange(dim))
   merges_left = dim - n
+  dead = 0  # merged-away positions still in C
   while merges_left:
     # Candidates: rows in order of their maxima while no two share a feature and no budget
     # runs out (the last candidate may spend one).
@@ -236,8 +318,7 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     cols: list[int] = []
     taken: set[int] = set()  # the features of this batch's merges
     left = list(budget)
-    for r, c, stop, o, same in zip(order.tolist(), partner.tolist(), last.tolist(),
-                                   own.tolist(), own_pair.tolist()):
+    for r, c, stop, o, same in _lazily(order, partner, last, own, own_pair):
       if r in taken:
         continue  # merged away in this batch
       if stop or c in taken or len(rows) == merges_left:
@@ -259,11 +340,11 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     # of the batch's start (the diagonal is -inf, as min(-inf, x)). Between two merged
     # features of the batch the value is cross: alpha * min(alpha * min(...)) over their
     # four member pairs, the same whichever merges first (rounding is monotonic).
-    new = np.minimum(C[I], C[J])
-    new *= alpha
+    new = _merged_rows(C, I, J, alpha)
     before = np.tri(k, k, -1, bool)  # before[p, q]: q merges before p
     at_i = np.take(new, I, 1)
-    cross = np.minimum(at_i, np.take(new, J, 1))
+    at_j = np.take(new, J, 1)
+    cross = np.minimum(at_i, at_j)
     cross *= alpha
     # Candidate p is the plain loop's next pick only if its value beats every value of the
     # features merged before it in the batch, with what they may still pair with.
@@ -271,11 +352,14 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
       batch = gone.copy()
       batch[I] = neg
       batch[J] = neg
-      reach = without_spent(new + batch, I).max(1)
+      reach = np.empty(k, C.dtype)
+      for lo in range(0, k, _CHUNK):  # in chunks: no large temporary (see _merged_rows)
+        part = new[lo:lo + _CHUNK] + batch
+        reach[lo:lo + _CHUNK] = without_spent(part, I[lo:lo + _CHUNK]).max(1)
       among = np.where(before, cross, at_i)  # the merged p with the features I[q]
       np.fill_diagonal(among, neg)
       reach = np.maximum(reach, without_spent(among, I, I).max(1))
-      later_j = np.where(before.T, np.take(new, J, 1), neg)  # with J[q], q merging after p
+      later_j = np.where(before.T, at_j, neg)  # with J[q], q merging after p
       reach = np.maximum(reach, without_spent(later_j, I, J).max(1))
       beats = rowmax[I[1:]] > np.maximum.accumulate(reach[:-1])
       if not beats.all():
@@ -287,13 +371,27 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
       budget[o] -= 1
       if not budget[o]:
         spent = o
-    into[J] = I
-    gone[J] = neg
+    into[ids[J]] = ids[I]
     active[J] = False
-    rowmax[J] = neg
     merges_left -= k
     if not merges_left:
       break
+    dead += k
+    if dead * _COMPACT >= size:
+      # Drop the merged-away positions, writing the batch's merged rows and columns on the
+      # way: later batches then read rows a third shorter (after the first batch, which
+      # takes most merges).
+      keep = np.flatnonzero(active)
+      C, rowmax, rowarg = _compacted(C, keep, np.searchsorted(keep, I), J, new, alpha)
+      ids, owner, size, dead = ids[keep], owner[keep], len(keep), 0
+      mine = [np.flatnonzero(owner == o) for o in range(num_models)]
+      active = np.ones(size, bool)
+      gone = np.zeros(size, C.dtype)
+      if not all(budget):
+        rowmax, rowarg = row_maxima(np.arange(size))
+      continue
+    gone[J] = neg
+    rowmax[J] = neg
     alive = np.flatnonzero(active)
     C[I] = new
     # The columns, of every row (the rows of merged-away features are never read again),
@@ -303,7 +401,7 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     C[np.ix_(I, I)] = cross
     # Rows whose maximum is unknown now: the merged rows, rows whose maximum was in a merged
     # row, and, where a budget ran out, that model's rows.
-    touched = np.zeros(dim, bool)
+    touched = np.zeros(size, bool)
     touched[I] = True
     touched[J] = True
     redo = touched[rowarg[alive]] | touched[alive]
