@@ -207,9 +207,10 @@ def _compacted(C: np.ndarray, keep: np.ndarray, at: np.ndarray, J: np.ndarray, n
   the smaller of four values, as the in-place update writes it.
 
   The result is written over C's own memory (C must be a :func:`_padded` array), in chunks
-  of rows: a row of the result never lies beyond the rows of C that later chunks read, since
-  ``keep`` is increasing and the result's rows are shorter. No large array is allocated: a
-  fresh one costs more in page faults here than the copying does.
+  of rows: first the rows that were not merged, in order, from C (a row of the result never
+  lies beyond the rows of C that later chunks read, since ``keep`` is increasing and the
+  result's rows are shorter), then the merged rows, from ``new``. No large array is
+  allocated: a fresh one costs more in page faults here than the copying does.
   """
   size = len(keep)
   out = _padded(size, C.dtype, C.base)
@@ -217,27 +218,23 @@ def _compacted(C: np.ndarray, keep: np.ndarray, at: np.ndarray, J: np.ndarray, n
   other[at] = J
   merged = np.zeros(size, bool)
   merged[at] = True
-  source = np.zeros(size, np.intp)  # the row of ``new`` of each merged position
-  source[at] = np.arange(len(at))
   scale = None
   if alpha != 1:
     scale = np.ones(size, C.dtype)
     scale[at] = alpha
   rowmax = np.empty(size, C.dtype)
   rowarg = np.empty(size, np.intp)
-  rows = np.empty((_CHUNK, C.shape[1]), C.dtype)
-  for lo in range(0, size, _CHUNK):
-    hi = min(lo + _CHUNK, size)
-    part = rows[:hi - lo]
-    here = merged[lo:hi]
-    part[~here] = C[keep[lo:hi][~here]]  # copied before the chunk's result is written
-    part[here] = new[source[lo:hi][here]]
-    block = np.minimum(np.take(part, keep, 1), np.take(part, other, 1))
-    if scale is not None:
-      block *= scale
-    out[lo:hi] = block
-    rowarg[lo:hi] = block.argmax(1)
-    rowmax[lo:hi] = block[np.arange(hi - lo), rowarg[lo:hi]]
+  plain = np.flatnonzero(~merged)
+  for positions, source in ((plain, None), (at, new)):
+    for lo in range(0, len(positions), _CHUNK):
+      here = positions[lo:lo + _CHUNK]
+      rows = C[keep[here]] if source is None else source[lo:lo + _CHUNK]
+      block = np.minimum(np.take(rows, keep, 1), np.take(rows, other, 1))
+      if scale is not None:
+        block *= scale
+      out[here] = block
+      rowarg[here] = arg = block.argmax(1)
+      rowmax[here] = block[np.arange(len(here)), arg]
   return out, rowmax, rowarg
 
 
