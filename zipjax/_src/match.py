@@ -376,8 +376,8 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     dead += k
     if dead * _COMPACT >= size:
       # Drop the merged-away positions, writing the batch's merged rows and columns on the
-      # way: later batches then read rows a third shorter (after the first batch, which
-      # takes most merges).
+      # way: later batches then read rows a third shorter. (With N = 2 this follows the
+      # first batch, which takes most merges.)
       keep = np.flatnonzero(active)
       C, rowmax, rowarg = _compacted(C, keep, np.searchsorted(keep, I), J, new, alpha)
       ids, owner, size, dead = ids[keep], owner[keep], len(keep), 0
