@@ -171,6 +171,7 @@ def same_model_budget(beta: float, num_models: int, width: int) -> int:
 
 _CHUNK = 128  # rows per step of the work over whole rows of C
 _COMPACT = 3  # compact C once a third of its positions are merged away
+_LIMIT = 16  # the fewest candidates a batch may take after one that was cut short
 
 
 def _merged_rows(C: np.ndarray, I: np.ndarray, J: np.ndarray, alpha: float) -> np.ndarray:
@@ -250,9 +251,15 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
   as long as the next row's pair is provably the pair the plain loop would pick next: neither
   of its rows took part in a merge of this batch, no merged feature of this batch has a value
   that reaches it (a merged feature's values can exceed its members' where correlations are
-  negative), and no model's same-model budget ran out. A batch's merged rows are computed
-  together, as array operations; then the disturbed rows are recomputed and the rows are
-  sorted again: a handful of sorts serve all merges.
+  negative), no row skipped in this batch may pair as high, and no model's same-model budget
+  ran out. A row whose partner this batch merged is skipped, not a stop: its next pair is
+  unknown, but it is worth at most the row's largest value outside the batch's features (its
+  values with the batch's merged features count in their reach), and the batch goes on while
+  later rows beat that. A batch's merged rows are computed together, as array operations;
+  then the disturbed rows are recomputed and the rows are sorted again: a handful of sorts
+  serve all merges. After a batch that a merged feature's reach cut short, the next takes at
+  most twice the merges it kept (doubling while none is cut), so that few merged rows are
+  computed in vain.
 
   The diagonal is -inf in C. Merged-away features are masked when a row is read (their
   columns are never written again, their rows never read), and a model's own block once its
@@ -302,28 +309,48 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     rowmax, rowarg = row_maxima(np.arange(dim))
   merges_left = dim - n
   dead = 0  # merged-away positions still in C
+  limit = None  # the most candidates a batch takes (after a batch that was cut short)
   while merges_left:
     # Candidates: rows in order of their maxima while no two share a feature and no budget
     # runs out (the last candidate may spend one).
     order = np.argsort(-rowmax, kind="stable")  # ties: lowest row first
     order = order[active[order]]
     partner = rowarg[order]
-    last = (partner < order) | (rowmax[order] == neg)  # the batch stops at such a row
+    # The batch stops at such a row (unless this batch merged its partner: see below).
+    last = (partner < order) | (rowmax[order] == neg)
     own = owner[order]
     own_pair = own == owner[partner]
     rows: list[int] = []
     cols: list[int] = []
     taken: set[int] = set()  # the features of this batch's merges
     left = list(budget)
-    for r, c, stop, o, same in _lazily(order, partner, last, own, own_pair):
+    # A row whose partner this batch merged is skipped while the candidates after it beat
+    # ``skipped``: the most its row holds outside the batch's features. (Its values with the
+    # batch's merged features are in their reach, checked below.)
+    skipped = -math.inf
+    outside = None  # -inf at merged-away features and the batch's features
+    for r, c, v, stop, o, same in _lazily(order, partner, rowmax[order], last, own, own_pair):
       if r in taken:
-        continue  # merged away in this batch
-      if stop or c in taken or len(rows) == merges_left:
+        continue  # merged in this batch
+      if v <= skipped:
+        break  # a skipped row may pair at this value or above
+      if c in taken:
+        if outside is None:
+          outside = gone.copy()
+          outside[rows] = outside[cols] = neg
+        vals = C[r] + outside
+        if not all(budget):
+          vals = without_spent(vals[None], np.array([r]))[0]
+        skipped = max(skipped, float(vals.max()))
+        continue
+      if stop or len(rows) == merges_left or len(rows) == limit:
         break
       rows.append(r)
       cols.append(c)
       taken.add(r)
       taken.add(c)
+      if outside is not None:
+        outside[r] = outside[c] = neg
       if same:
         left[o] -= 1
         if not left[o]:
@@ -362,6 +389,9 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
       if not beats.all():
         k = 1 + int(np.argmin(beats))
         I, J, new, cross = I[:k], J[:k], new[:k], cross[:k, :k]
+        limit = max(_LIMIT, 2 * k)  # the next batch takes at most twice as many candidates
+      elif limit is not None:
+        limit *= 2
     # Merge the first k.
     spent = -1
     for o in owner[I[owner[I] == owner[J]]].tolist():
