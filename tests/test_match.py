@@ -66,6 +66,26 @@ def test_greedy_equals_plain_loop_on_wide_structured_spaces(n, N, alpha, beta, s
   np.testing.assert_array_equal(fast.U, ref.U)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_greedy_equals_plain_loop_on_random_settings(seed):
+  """Random widths, model counts, matrices (ties, all-negative), alpha and beta."""
+  rng = np.random.default_rng(seed)
+  n, N = int(rng.integers(1, 41)), int(rng.integers(2, 5))
+  kind = seed % 4
+  if kind < 2:
+    corr = random_corr(N * n, seed, quantise=kind == 1)
+  else:
+    corr = twin_corr(n, N, seed, sign=1.0 if seed % 8 < 4 else -1.0)
+    if kind == 3:
+      corr = np.round(corr, 1)
+  alpha = float(rng.choice([1.0, 0.9, 0.5, 0.3, 0.1, 0.01]))
+  beta = float(rng.choice([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]))
+  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
+  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
+  np.testing.assert_array_equal(fast.M, ref.M)
+  np.testing.assert_array_equal(fast.U, ref.U)
+
+
 @pytest.mark.parametrize("compact", [0, 3, 10**6], ids=["never", "default", "every-batch"])
 @pytest.mark.parametrize("n,N,alpha,beta", [(64, 2, 1.0, 0.5), (64, 2, 0.1, 0.5),
                                             (24, 4, 0.5, 1.0), (24, 4, 0.7, 0.0),
