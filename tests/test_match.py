@@ -86,6 +86,26 @@ def test_greedy_equals_plain_loop_on_random_settings(seed):
   np.testing.assert_array_equal(fast.U, ref.U)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_equals_plain_loop_with_dead_features(seed):
+  """Dead features correlate exactly 1 with each other and 0 with the rest (as
+  zipjax.correlation defines them): long runs of exact ties, where a batch's rows lose their
+  partners to earlier merges and pair again at the same value."""
+  rng = np.random.default_rng(seed)
+  n, N = int(rng.integers(4, 41)), int(rng.integers(2, 5))
+  corr = np.array(random_corr(N * n, seed) if seed % 2 else twin_corr(n, N, seed), np.float32)
+  dead = rng.random(N * n) < rng.uniform(0.1, 0.6)
+  corr[dead] = 0.0
+  corr[:, dead] = 0.0
+  corr[np.ix_(dead, dead)] = 1.0
+  np.fill_diagonal(corr, 1.0)
+  alpha, beta = [(1.0, 0.5), (0.5, 0.0), (0.1, 1.0), (0.5, 0.25)][seed % 4]
+  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
+  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
+  np.testing.assert_array_equal(fast.M, ref.M)
+  np.testing.assert_array_equal(fast.U, ref.U)
+
+
 @pytest.mark.parametrize("compact", [0, 3, 10**6], ids=["never", "default", "every-batch"])
 @pytest.mark.parametrize("n,N,alpha,beta", [(64, 2, 1.0, 0.5), (64, 2, 0.1, 0.5),
                                             (24, 4, 0.5, 1.0), (24, 4, 0.7, 0.0),
@@ -116,7 +136,7 @@ def test_greedy_compaction_keeps_the_plain_loop_result(monkeypatch, compact, n, 
   else:
     assert calls and all(a > b for a, b in zip(calls, calls[1:])), calls
     if compact > 3 and N > 2:  # the case covers compacting again and again
-      assert len(calls) > 5, calls
+      assert len(calls) > 2, calls
 
 
 def test_compacted_equals_the_in_place_update():

@@ -324,16 +324,20 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
     cols: list[int] = []
     taken: set[int] = set()  # the features of this batch's merges
     left = list(budget)
-    # A row whose partner this batch merged is skipped while the candidates after it beat
-    # ``skipped``: the most its row holds outside the batch's features. (Its values with the
-    # batch's merged features are in their reach, checked below.)
-    skipped = -math.inf
+    # A row whose partner this batch merged gets the lowest pair it still has at its value,
+    # or else is skipped: it may pair at most at its ``bound``, the most its row holds outside
+    # the batch's features (its values with the batch's merged features are in their reach,
+    # checked below), and the batch goes on while later rows beat that; at a tie, while their
+    # pair is the lowest of the tied ones (the plain loop's rule).
+    skipped: dict[int, tuple[float, tuple[int, int]]] = {}  # row: (bound, its lowest pair)
+    top = -math.inf  # the largest bound
+    values: list[float] = []  # each merge's value
     outside = None  # -inf at merged-away features and the batch's features
     for r, c, v, stop, o, same in _lazily(order, partner, rowmax[order], last, own, own_pair):
       if r in taken:
         continue  # merged in this batch
-      if v <= skipped:
-        break  # a skipped row may pair at this value or above
+      if v < top or v == -math.inf:
+        break
       if c in taken:
         if outside is None:
           outside = gone.copy()
@@ -341,16 +345,32 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
         vals = C[r] + outside
         if not all(budget):
           vals = without_spent(vals[None], np.array([r]))[0]
-        skipped = max(skipped, float(vals.max()))
-        continue
-      if stop or len(rows) == merges_left or len(rows) == limit:
+        c = int(vals.argmax())
+        if vals[c] < v:
+          bound = float(vals[c])
+          skipped[r] = (bound, (min(r, c), max(r, c)))
+          top = max(top, bound)
+          continue
+        same = bool(owner[c] == o)
+      elif stop and c not in skipped:
         break
-      rows.append(r)
-      cols.append(c)
+      if c < r and c not in skipped:
+        break
+      pair = (min(r, c), max(r, c))
+      if v == top and pair > min(p for b, p in skipped.values() if b == top):
+        break  # a skipped row's pair at this value comes first
+      if len(rows) == merges_left or len(rows) == limit:
+        break
+      rows.append(pair[0])
+      cols.append(pair[1])
+      values.append(v)
       taken.add(r)
       taken.add(c)
       if outside is not None:
         outside[r] = outside[c] = neg
+      if c in skipped:
+        del skipped[c]
+        top = max((b for b, _ in skipped.values()), default=-math.inf)
       if same:
         left[o] -= 1
         if not left[o]:
@@ -385,7 +405,7 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
       reach = np.maximum(reach, without_spent(among, I, I).max(1))
       later_j = np.where(before.T, at_j, neg)  # with J[q], q merging after p
       reach = np.maximum(reach, without_spent(later_j, I, J).max(1))
-      beats = rowmax[I[1:]] > np.maximum.accumulate(reach[:-1])
+      beats = np.asarray(values[1:k]) > np.maximum.accumulate(reach[:-1])
       if not beats.all():
         k = 1 + int(np.argmin(beats))
         I, J, new, cross = I[:k], J[:k], new[:k], cross[:k, :k]
