@@ -21,6 +21,14 @@ def groups_of(merge):
   return [tuple(np.flatnonzero(row)) for row in np.asarray(merge.M)]
 
 
+def assert_greedy_equals_plain_loop(corr, N, alpha, beta):
+  """greedy's merge is exactly the plain loop's (greedy_reference), M and U."""
+  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
+  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
+  np.testing.assert_array_equal(fast.M, ref.M)
+  np.testing.assert_array_equal(fast.U, ref.U)
+
+
 CASES = [(n, N, alpha, beta, q)
          for n in (1, 4, 16, 33)
          for N in (2, 3)
@@ -31,10 +39,7 @@ CASES = [(n, N, alpha, beta, q)
 @pytest.mark.parametrize("n,N,alpha,beta,quantise", CASES)
 def test_greedy_equals_plain_loop(n, N, alpha, beta, quantise):
   corr = random_corr(N * n, seed=n * 10 + N, quantise=quantise)
-  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
-  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
-  np.testing.assert_array_equal(fast.M, ref.M)
-  np.testing.assert_array_equal(fast.U, ref.U)
+  assert_greedy_equals_plain_loop(corr, N, alpha, beta)
 
 
 def twin_corr(n, N, seed, *, sign=1.0):
@@ -60,10 +65,7 @@ def test_greedy_equals_plain_loop_on_wide_structured_spaces(n, N, alpha, beta, s
   corr = twin_corr(n, N, seed=n + N, sign=sign)
   if quantise:  # many exact ties, broken by the lowest row, then column
     corr = np.round(corr, 1)
-  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
-  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
-  np.testing.assert_array_equal(fast.M, ref.M)
-  np.testing.assert_array_equal(fast.U, ref.U)
+  assert_greedy_equals_plain_loop(corr, N, alpha, beta)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -80,10 +82,7 @@ def test_greedy_equals_plain_loop_on_random_settings(seed):
       corr = np.round(corr, 1)
   alpha = float(rng.choice([1.0, 0.9, 0.5, 0.3, 0.1, 0.01]))
   beta = float(rng.choice([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]))
-  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
-  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
-  np.testing.assert_array_equal(fast.M, ref.M)
-  np.testing.assert_array_equal(fast.U, ref.U)
+  assert_greedy_equals_plain_loop(corr, N, alpha, beta)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -100,10 +99,7 @@ def test_greedy_equals_plain_loop_with_dead_features(seed):
   corr[np.ix_(dead, dead)] = 1.0
   np.fill_diagonal(corr, 1.0)
   alpha, beta = [(1.0, 0.5), (0.5, 0.0), (0.1, 1.0), (0.5, 0.25)][seed % 4]
-  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
-  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
-  np.testing.assert_array_equal(fast.M, ref.M)
-  np.testing.assert_array_equal(fast.U, ref.U)
+  assert_greedy_equals_plain_loop(corr, N, alpha, beta)
 
 
 @pytest.mark.parametrize("compact", [0, 3, 10**6], ids=["never", "default", "every-batch"])
@@ -127,10 +123,7 @@ def test_greedy_compaction_keeps_the_plain_loop_result(monkeypatch, compact, n, 
   corr = twin_corr(n, N, seed=n + N + 1)
   if quantise:
     corr = np.round(corr, 1)
-  fast = match.greedy(alpha=alpha, beta=beta)(corr, num_models=N)
-  ref = match.greedy_reference(corr, num_models=N, alpha=alpha, beta=beta)
-  np.testing.assert_array_equal(fast.M, ref.M)
-  np.testing.assert_array_equal(fast.U, ref.U)
+  assert_greedy_equals_plain_loop(corr, N, alpha, beta)
   if compact == 0:
     assert not calls
   else:
