@@ -221,18 +221,26 @@ def _merges(spec, num_models, kind):
           for i, s in enumerate(spec.spaces)}
 
 
+@pytest.fixture
+def fresh_programs():
+  """The zip programs split and traced anew, before the test and after it, failed or not:
+  they depend on the thresholds a test may change."""
+  zipping._programs.cache_clear()
+  zipping._zip_leaves_program.clear_cache()
+  yield
+  zipping._programs.cache_clear()
+  zipping._zip_leaves_program.clear_cache()
+
+
 @pytest.fixture(params=["fused", "blocks"])
-def gather_path(request, monkeypatch):
+def gather_path(request, monkeypatch, fresh_programs):
   """The zip kernels' two ways to apply group merges: small leaves gather every member in one
   fused loop, larger ones the first members, then blocks of further members. The test
   models are small; "blocks" sends every leaf the larger leaves' way."""
+  del fresh_programs
   if request.param == "blocks":
     monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-  zipping._programs.cache_clear()  # the programs are split and traced with the thresholds
-  zipping._zip_leaves_program.clear_cache()
-  yield request.param
-  zipping._programs.cache_clear()
-  zipping._zip_leaves_program.clear_cache()
+  return request.param
 
 
 def test_small_leaves_take_the_fused_path_and_the_fixture_sends_them_to_blocks(gather_path):
@@ -398,16 +406,16 @@ def test_prepare_merges_sends_all_group_merges_in_two_arrays():
       assert not members.mask[:, :, k:].any()
 
 
-def test_programs_of_small_leaves_are_found_compiled_for_other_merges(monkeypatch):
+def test_programs_of_small_leaves_are_found_compiled_for_other_merges(monkeypatch,
+                                                                      fresh_programs):
   # Greedy merges of other models have other sizes K and P. The programs of small leaves
   # take neither P nor the exact K, so they compile once; here every leaf counts as small.
+  del fresh_programs
   monkeypatch.setattr(zipping, "_SMALL_GATHERS", 2**30)
   spec, variables, _ = zoo.make("resnet20", num_models=2)
   flats = tuple(spec_lib.flatten(v) for v in variables)
   assert all(zipping._is_small(x.size, len(spec.leaf_axes(p, x.ndim)))
              for p, x in flats[0].items())
-  zipping._programs.cache_clear()
-  zipping._zip_leaves_program.clear_cache()
   sizes, shapes = [], set()
   for seed in range(3):
     merges = {s.name: match.greedy()(_random_corr(2 * s.width, 100 * seed + i), num_models=2)
@@ -415,8 +423,6 @@ def test_programs_of_small_leaves_are_found_compiled_for_other_merges(monkeypatc
     shapes.add(tuple(zipping.as_groups(m).rows.shape for m in merges.values()))
     zipping._zip_leaves(spec, None, flats, zipping.prepare_merges(merges))
     sizes.append(zipping._zip_leaves_program._cache_size())
-  zipping._programs.cache_clear()
-  zipping._zip_leaves_program.clear_cache()
   assert len(shapes) == 3  # the merges' P differ: programs taking P would compile again
   assert sizes == [sizes[0]] * 3
 

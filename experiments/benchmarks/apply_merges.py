@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -137,19 +136,14 @@ def _time_case(case: Case, s: Settings) -> dict:
   # (another seed). After the timing, from empty caches: compiling first left the process's
   # memory so that the copy baseline took 11.9 instead of 15.6-16.6 ms.
   jax.clear_caches()
-  first_calls = {kind: [_first_call(spec, variables, merges)
-                        for merges in (merges_of[kind], make_merges(spec, 2, kind, seed=1))]
+  first_calls = {kind: [common.timed(lambda m=m: zipjax.apply_merges(spec, variables, m))
+                        for m in (merges_of[kind], make_merges(spec, 2, kind, seed=1))]
                  for kind in s.merges}
   return {"case": dataclasses.asdict(case), "label": common.model_label(case.arch, case.width),
           "bytes_of_models": common.tree_bytes(variables), "leaves": len(spec.leaves),
           "why_no_kernel": why, "first_calls": first_calls,
           "timing": {k: v.to_json() for k, v in timing.items()}}
 
-
-def _first_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.Merge]) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(zipjax.apply_merges(spec, variables, merges))
-  return time.perf_counter() - start
 
 
 def measure(payload: Mapping[str, Any]) -> dict:

@@ -167,7 +167,8 @@ class Timing:
     return {"median": self.median, "min": self.min, "times": list(self.times)}
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any]) -> float:
+  """Seconds one call of ``fn`` takes, its result ready."""
   start = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - start
@@ -188,7 +189,7 @@ def time_calls(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: in
   spent = 0.0
   for _ in range(max(1, repeats)):
     for name, fn in fns.items():
-      t = _timed(fn)
+      t = timed(fn)
       times[name].append(t)
       spent += t
     if budget_s is not None and spent >= budget_s:

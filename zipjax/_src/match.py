@@ -252,12 +252,13 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
   of its rows took part in a merge of this batch, no merged feature of this batch has a value
   that reaches it (a merged feature's values can exceed its members' where correlations are
   negative), no row skipped in this batch may pair as high, and no model's same-model budget
-  ran out. A row whose partner this batch merged is skipped, not a stop: its next pair is
-  unknown, but it is worth at most the row's largest value outside the batch's features (its
-  values with the batch's merged features count in their reach), and the batch goes on while
-  later rows beat that. A batch's merged rows are computed together, as array operations;
-  then the disturbed rows are recomputed and the rows are sorted again: a handful of sorts
-  serve all merges. After a batch that a merged feature's reach cut short, the next takes at
+  ran out. A row whose partner this batch merged is no stop: it pairs again at once if it
+  still reaches its value outside the batch's features (at the lowest such column), and is
+  skipped otherwise, worth at most its row's largest value outside them (its values with the
+  batch's merged features count in their reach); the batch goes on while later rows beat
+  that, or tie it with a lower pair (the plain loop's tie rule). A batch's merged rows are
+  computed together, as array operations; then the disturbed rows are recomputed and the rows
+  are sorted again: a handful of sorts serve all merges. After a batch that a merged feature's reach cut short, the next takes at
   most twice the merges it kept (doubling while none is cut), so that few merged rows are
   computed in vain.
 
@@ -354,8 +355,8 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
         same = bool(owner[c] == o)
       elif stop and c not in skipped:
         break
-      if c < r and c not in skipped:
-        break
+      # A partner below r is a skipped row: it reaches v with r, so it came first in the order
+      # and is neither in the batch (``outside``) nor was taken.
       pair = (min(r, c), max(r, c))
       if v == top and pair > min(p for b, p in skipped.values() if b == top):
         break  # a skipped row's pair at this value comes first
@@ -405,7 +406,7 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
       reach = np.maximum(reach, without_spent(among, I, I).max(1))
       later_j = np.where(before.T, at_j, neg)  # with J[q], q merging after p
       reach = np.maximum(reach, without_spent(later_j, I, J).max(1))
-      beats = np.asarray(values[1:k]) > np.maximum.accumulate(reach[:-1])
+      beats = np.asarray(values[1:]) > np.maximum.accumulate(reach[:-1])
       if not beats.all():
         k = 1 + int(np.argmin(beats))
         I, J, new, cross = I[:k], J[:k], new[:k], cross[:k, :k]
