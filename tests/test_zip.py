@@ -232,14 +232,18 @@ def fresh_programs():
   zipping._zip_leaves_program.clear_cache()
 
 
-@pytest.fixture(params=["fused", "blocks"])
+@pytest.fixture(params=["fused", "blocks", "blocks, two members on the last axis"])
 def gather_path(request, monkeypatch, fresh_programs):
-  """The zip kernels' two ways to apply group merges: small leaves gather every member in one
-  fused loop, larger ones the first members, then blocks of further members. The test
-  models are small; "blocks" sends every leaf the larger leaves' way."""
+  """The zip kernels' ways to apply group merges: small leaves gather every member in one
+  fused loop, larger ones the first members, then blocks of further members, or on a last
+  axis whose groups often have several members of a model, the first two members, then
+  blocks of the rest. The test models are small: "blocks" sends every leaf the larger
+  leaves' way with further members of the last axis in blocks, the third setting with two
+  members of every group of the last axis in the main loop."""
   del fresh_programs
-  if request.param == "blocks":
+  if request.param != "fused":
     monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
+    monkeypatch.setattr(zipping, "_WHOLE_LAST_SHARE", 0.0 if "two" in request.param else 2.0)
   return request.param
 
 
@@ -250,7 +254,7 @@ def test_small_leaves_take_the_fused_path_and_the_fixture_sends_them_to_blocks(g
   merges = _merges(spec, 2, "greedy_chains")
   hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
                 ).lower(tuple(spec_lib.flatten(v) for v in variables)).as_text()
-  assert ("scatter" in hlo) == (gather_path == "blocks")
+  assert ("scatter" in hlo) == (gather_path != "fused")
 
 
 @pytest.mark.parametrize("kind", list(MERGE_KINDS))
@@ -275,24 +279,34 @@ def test_as_groups_is_exactly_the_merge(dim):
   for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
     merge = matcher(corr, num_models=3)
     groups = zipping.as_groups(merge)
-    idx, mask, rows, rows_idx, rows_mask, rows_inv_size, inv_size = (
-        np.asarray(a) for a in groups)
+    (idx, mask, rows, rows_idx, rows_mask, rows_inv_size, inv_size, rows2, rows2_idx,
+     rows2_mask, rows2_inv_size) = (np.asarray(a) for a in groups)
+    if dim == 48 and matcher.__name__.startswith("greedy(alpha=1.0, beta=1.0)"):  # chains
+      assert rows2_mask.any(), "no group with three members of a model: rows2 untested"
     size = mask.sum((0, 2))  # each group's members over all models
     n = merge.M.shape[0]
     for m, (mb, ub) in enumerate(zip(*merge.blocks())):
-      several = np.flatnonzero(mask[m].sum(1) > 1)
-      real = rows_mask[m].any(1)
-      np.testing.assert_array_equal(rows[m][real], several)
-      np.testing.assert_array_equal(rows_idx[m][real], idx[m, several, 1:])
-      np.testing.assert_array_equal(rows_mask[m][real], mask[m, several, 1:])
-      np.testing.assert_array_equal(rows_inv_size[m], 1 / size[rows[m]])
+      for after, r, r_idx, r_mask, r_inv_size in ((1, rows, rows_idx, rows_mask, rows_inv_size),
+                                                  (2, rows2, rows2_idx, rows2_mask,
+                                                   rows2_inv_size)):
+        several = np.flatnonzero(mask[m].sum(1) > after)
+        assert len(np.unique(r[m])) == r.shape[1]  # distinct rows, padded with other groups
+        real = r_mask[m].any(1)
+        np.testing.assert_array_equal(r[m][real], several)
+        np.testing.assert_array_equal(r_idx[m][real], idx[m, several, after:])
+        np.testing.assert_array_equal(r_mask[m][real], mask[m, several, after:])
+        np.testing.assert_array_equal(r_inv_size[m], 1 / size[r[m]])
       np.testing.assert_array_equal(inv_size, 1 / size)
-      # The first members and the rows' further members (padding included) are U exactly.
-      dense = np.zeros((n, n), np.float32)
-      np.add.at(dense, (np.arange(n), idx[m, :, 0]), mask[m, :, 0])
-      for k in range(rows_idx.shape[-1]):
-        np.add.at(dense, (rows[m], rows_idx[m, :, k]), rows_mask[m, :, k])
-      np.testing.assert_array_equal(dense, ub.T)
+      # The first members and the rows' further members (padding included) are U exactly,
+      # and so are the first two members and the rows2's members after them.
+      for main, r, r_idx, r_mask in ((1, rows, rows_idx, rows_mask),
+                                     (2, rows2, rows2_idx, rows2_mask)):
+        dense = np.zeros((n, n), np.float32)
+        for k in range(min(main, idx.shape[-1])):
+          np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
+        for k in range(r_idx.shape[-1]):
+          np.add.at(dense, (r[m], r_idx[m, :, k]), r_mask[m, :, k])
+        np.testing.assert_array_equal(dense, ub.T)
       dense = np.zeros((n, n), np.float32)
       for k in range(idx.shape[-1]):
         np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])

@@ -45,7 +45,9 @@ class Groups(NamedTuple):
   further members of these groups only, instead of multiplying by n x n blocks.
   ``rows_idx``, ``rows_mask`` and ``rows_inv_size`` are those groups' further members, their
   weights (0 for the padding) and 1 / sizes, taken out on the host so that the zip kernel
-  does no index arithmetic.
+  does no index arithmetic. The ``rows2`` fields are the same for the P2 groups to which
+  model m gives more than two members, and their members after the second (for a last axis
+  gathered with two members a group, :func:`_whole_last_axis`).
   """
 
   idx: jax.Array  # (N, n, K) int32
@@ -55,6 +57,10 @@ class Groups(NamedTuple):
   rows_mask: jax.Array  # (N, P, K - 1) float32: 1 for a real further member, else 0
   rows_inv_size: jax.Array  # (N, P) float32: 1 / their sizes
   inv_size: jax.Array  # (n,) float32: 1 / the groups' sizes
+  rows2: jax.Array  # (N, P2) int32: the groups model m gives more than two members, padded
+  rows2_idx: jax.Array  # (N, P2, K - 2) int32: their members after the second
+  rows2_mask: jax.Array  # (N, P2, K - 2) float32
+  rows2_inv_size: jax.Array  # (N, P2) float32
 
 
 class _Members(NamedTuple):
@@ -115,19 +121,28 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   idx[sorted_key, rank] = order % n
   mask[sorted_key, rank] = 1.0
   idx, mask = idx.reshape(num, n, k), mask.reshape(num, n, k)
-  # The groups a model gives several members, padded with its lowest other groups (weight 0)
-  # to one length, so each model's rows are distinct and sorted.
-  several = counts.reshape(num, n) > 1
+  inv_size = 1 / size.astype(np.float32)
+  counts = counts.reshape(num, n)
+  models = np.arange(num)[:, None]
+  further = []
+  for first in (1, 2):  # members after the first; after the second
+    rows, several = _rows_with_more(counts, first)
+    real = mask[models, rows, first:] * several[models, rows][:, :, None]
+    further += [rows, idx[models, rows, first:], real, inv_size[rows]]
+  return Groups(idx, mask, *further[:4], inv_size, *further[4:])
+
+
+def _rows_with_more(counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The groups to which each model gives more than ``k`` members (``counts``: (N, n)
+  members a model and group), padded with the model's lowest other groups to one length P,
+  so that each model's rows are distinct and sorted: (rows (N, P) int32, which groups have
+  more (N, n) bool)."""
+  several = counts > k
   num_several = several.sum(1)
   p = int(num_several.max())
   rows = np.nonzero(several | (~several & (np.cumsum(~several, 1)
                                            <= (p - num_several)[:, None])))[1]
-  rows = rows.reshape(num, p).astype(np.int32)
-  models = np.arange(num)[:, None]
-  rows_idx = idx[models, rows, 1:]
-  rows_mask = mask[models, rows, 1:] * several[models, rows][:, :, None]
-  inv_size = 1 / size.astype(np.float32)
-  return Groups(idx, mask, rows, rows_idx, rows_mask, inv_size[rows], inv_size)
+  return rows.reshape(len(counts), p).astype(np.int32), several
 
 
 @jax.tree_util.register_pytree_node_class
@@ -297,54 +312,94 @@ def _scatter_add(y: jax.Array, axis: int, rows: jax.Array, block: jax.Array) -> 
 _SMALL_GATHERS = 2**17
 
 
+# The last axis of a leaf is gathered with two members a group in the main loop, and only
+# the members after the second in a block, where the groups to which a model gives several
+# members are more than this share of the merged features (greedy merges of the features
+# of real models: a quarter to a third).
+_WHOLE_LAST_SHARE = 1 / 8
+
+
+def _whole_last_axis(groups: Groups) -> bool:
+  """Whether a leaf whose last axis is merged by ``groups`` gathers two members of every
+  group of that axis in its main loop (static: from the shapes)."""
+  return groups.rows.shape[1] > _WHOLE_LAST_SHARE * groups.idx.shape[1]
+
+
 def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
                   axes: Mapping[int, tuple[Groups | _Members, str]]) -> jax.Array:
   """The sum over models m in ``ms`` of model m's side of group-average merges, applied on
   every axis in ``axes`` ({axis: (groups, role)}) to its leaf ``xs[i]``.
 
-  The first member of every group on every axis, for all the models, is one fused gather
-  pass. The further members exist only for the few groups a model gives several members.
-  The other member combinations are split by the first axis a (in order) with a further
-  member: first members on the axes before a, the further members of a's groups that have
-  them, every member on the axes after a. For each axis, the models' blocks of such terms
-  (as small as those groups) are computed in one fused gather and scatter-added in place
-  with one scatter. A merge with such groups so costs about one pass over the leaf, and
-  compiles to 1 + 2 x (axes) operations whatever the number of models. Small leaves
-  (``_SMALL_GATHERS``, and every leaf given _Members) gather every member combination in
-  one operation instead.
+  The main members of every group on every axis (the first; on a last axis whose groups
+  often have several members of a model, the first two), for all the models, are one fused
+  gather pass. The other members exist only for the groups a model gives more. The other
+  member combinations are split by the first axis a (in order, such a last axis first) with
+  a member after its main ones: main members on the axes before a, the further members of
+  a's groups that have them, every member on the axes after a. For each axis, the models'
+  blocks of such terms (as small as those groups) are computed in one fused gather and
+  scatter-added in place with one scatter. Such a merge costs about one pass over the leaf
+  (two where the last axis takes two members), and compiles to 1 + 2 x (axes) operations
+  whatever the number of models. Small leaves (``_SMALL_GATHERS``, and every leaf given
+  _Members) gather every member combination in one operation instead.
+
+  A block on a leaf's last axis is a walk down the whole leaf for each of its columns (the
+  last axis holds each row's contiguous values), so it is fast for a few columns only:
+  with greedy merges of real features, where a model gives several members to a quarter of
+  the groups, those blocks took 140 of the 200 ms of two ResNet-50s' kernel.
   """
-  first, every, extra = [], [], []
+  models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
+  main, every, further = [], [], []
   for m in ms:
-    first.append({}), every.append({}), extra.append({})
+    main.append({}), every.append({}), further.append({})
     for axis, (g, role) in axes.items():
       model = functools.partial(_index0, m)
       idx, w = model(g.idx), _weight(model(g.mask), g.inv_size, role)
       every[-1][axis] = (idx, w)
       if isinstance(g, _Members):
         continue
-      first[-1][axis] = (lax.slice_in_dim(idx, 0, 1, axis=1), lax.slice_in_dim(w, 0, 1, axis=1))
+      main[-1][axis] = (lax.slice_in_dim(idx, 0, 1, axis=1), lax.slice_in_dim(w, 0, 1, axis=1))
       if g.idx.shape[2] > 1 and g.rows.shape[1]:
-        extra[-1][axis] = (model(g.rows), model(g.rows_idx),
-                           _weight(model(g.rows_mask), model(g.rows_inv_size), role))
-  models = range(len(xs))  # (the module's ``zip`` shadows the builtin)
+        further[-1][axis] = _further(g, m, role)
   terms = math.prod(g.idx.shape[2] for g, _ in axes.values())
-  if (any(isinstance(g, _Members) for g, _ in axes.values()) or not extra[0]
+  if (any(isinstance(g, _Members) for g, _ in axes.values()) or not further[0]
       or xs[0].size * terms <= _SMALL_GATHERS):  # every member in one fused loop
     return functools.reduce(lax.add, [_gather(xs[i], every[i]) for i in models])
-  y = functools.reduce(lax.add, [_gather(xs[i], first[i]) for i in models])
-  order = sorted(extra[0])
-  for j, a in enumerate(order):
-    blocks = []
+  order = sorted(further[0])
+  last = xs[0].ndim - 1
+  if last in further[0] and _whole_last_axis(axes[last][0]):
+    order.remove(last)
     for i in models:
-      ops = dict(first[i])
-      ops[a] = extra[i][a][1:]
-      ops.update({b: every[i][b] for b in order[j + 1:]})
-      blocks.append(_gather(xs[i], ops))
-    g = axes[a][0]
-    rows = (lax.reshape(g.rows, (g.rows.size,)) if list(ms) == list(range(g.rows.shape[0]))
-            else lax.concatenate([extra[i][a][0] for i in models], 0))  # (no copy, above)
-    y = _scatter_add(y, a, rows, lax.concatenate(blocks, a))
+      main[i][last] = tuple(lax.slice_in_dim(v, 0, 2, axis=1) for v in every[i][last])
+      further[i][last] = further[i][last][1:]
+    if further[0][last]:
+      order.insert(0, last)
+  y = functools.reduce(lax.add, [_gather(xs[i], main[i]) for i in models])
+  for j, a in enumerate(order):
+    blocks, rows = [], []
+    for part in range(len(further[0][a])):
+      for i in models:
+        ops = dict(main[i])
+        ops[a] = further[i][a][part][1:]
+        ops.update({b: every[i][b] for b in order[j + 1:]})
+        blocks.append(_gather(xs[i], ops))
+      rows += [further[i][a][part][0] for i in models]
+    y = _scatter_add(y, a, lax.concatenate(rows, 0), lax.concatenate(blocks, a))
   return y
+
+
+def _further(g: Groups, m: int, role: str) -> tuple[tuple[jax.Array, jax.Array, jax.Array], ...]:
+  """Model m's members of ``g`` after the first, as (rows, idx, weights) parts: the second
+  members of the groups it gives several, and where some have more, the members after the
+  second of those (so that no block gathers K - 1 members for groups of two)."""
+  model = functools.partial(_index0, m)
+  parts = []
+  for rows, idx, mask, inv_size, count in (
+      (g.rows, g.rows_idx, g.rows_mask, g.rows_inv_size, 1),
+      (g.rows2, g.rows2_idx, g.rows2_mask, g.rows2_inv_size, g.rows2_idx.shape[2])):
+    if rows.shape[1] and count:
+      idx, mask = (lax.slice_in_dim(model(a), 0, count, axis=1) for a in (idx, mask))
+      parts.append((model(rows), idx, _weight(mask, model(inv_size), role)))
+  return tuple(parts)
 
 
 def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
