@@ -77,7 +77,7 @@ def test_benchmark_specific_fields(smoke_run):
   # apply_merges times in a worker process, under the steady allocator, every merge kind
   # against one copy baseline.
   apply_rows = by_name["apply_merges"]["rows"]
-  assert {r["data"]["merges"] for r in apply_rows} == {"identity", "greedy"}
+  assert {r["data"]["merges"] for r in apply_rows} == {"identity", "greedy", "features"}
   assert all(r["data"]["allocator_env"] == common.STEADY_ALLOCATOR_ENV for r in apply_rows)
   timed = [r for r in apply_rows if "first call" not in r["case"]]
   assert len({r["baseline_seconds"] for r in timed}) == 1
