@@ -5,7 +5,7 @@ averaging), greedy merges (``zipjax.match.greedy()``) on synthetic correlations 
 with shared structure (``greedy.feature_correlation``), and greedy merges of the models' own
 features (their statistics on random images, as ``zipjax.zip`` computes them). The kinds of
 greedy merges differ where it costs: of their groups, a model gives several members to 2-5 %
-(synthetic) or to a quarter (the models' features, random or trained: 25-34 % on the
+(synthetic) or to a quarter (the models' features, random or trained: 19-34 % on the
 ResNet-20s the default experiment trains). The baseline is the least any zip must
 do, read both models and write a tree: ``jax.jit(lambda t: tree_map(lambda x: x * 1.0, t))``
 on both models' variables.
