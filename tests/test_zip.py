@@ -243,7 +243,7 @@ def gather_path(request, monkeypatch, fresh_programs):
   del fresh_programs
   if request.param != "fused":
     monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-    monkeypatch.setattr(zipping, "_WHOLE_LAST_SHARE", 0.0 if "two" in request.param else 2.0)
+    monkeypatch.setattr(zipping, "_TWO_MEMBERS_SHARE", 0.0 if "two" in request.param else 2.0)
   return request.param
 
 
@@ -255,6 +255,25 @@ def test_small_leaves_take_the_fused_path_and_the_fixture_sends_them_to_blocks(g
   hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
                 ).lower(tuple(spec_lib.flatten(v) for v in variables)).as_text()
   assert ("scatter" in hlo) == (gather_path != "fused")
+
+
+def test_two_members_on_the_last_axis_leave_fewer_scatters(monkeypatch, fresh_programs):
+  # The fixture's two "blocks" settings must take different paths: with two members a group
+  # in the main loop, a last axis scatters only the groups with three or more members.
+  del fresh_programs
+  monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
+  spec, variables, _ = zoo.make("resnet20", num_models=2)
+  merges = _merges(spec, 2, "greedy_chains")
+  flats = tuple(spec_lib.flatten(v) for v in variables)
+  scatters = {}
+  for share in (2.0, 0.0):
+    monkeypatch.setattr(zipping, "_TWO_MEMBERS_SHARE", share)
+    zipping._programs.cache_clear()
+    zipping._zip_leaves_program.clear_cache()
+    hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
+                  ).lower(flats).as_text()
+    scatters[share] = hlo.count("stablehlo.scatter")
+  assert 0 < scatters[0.0] < scatters[2.0], scatters
 
 
 @pytest.mark.parametrize("kind", list(MERGE_KINDS))

@@ -47,7 +47,7 @@ class Groups(NamedTuple):
   weights (0 for the padding) and 1 / sizes, taken out on the host so that the zip kernel
   does no index arithmetic. The ``rows2`` fields are the same for the P2 groups to which
   model m gives more than two members, and their members after the second (for a last axis
-  gathered with two members a group, :func:`_whole_last_axis`).
+  gathered with two members a group, :func:`_two_members_on_last_axis`).
   """
 
   idx: jax.Array  # (N, n, K) int32
@@ -124,12 +124,15 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   inv_size = 1 / size.astype(np.float32)
   counts = counts.reshape(num, n)
   models = np.arange(num)[:, None]
-  further = []
-  for first in (1, 2):  # members after the first; after the second
-    rows, several = _rows_with_more(counts, first)
-    real = mask[models, rows, first:] * several[models, rows][:, :, None]
-    further += [rows, idx[models, rows, first:], real, inv_size[rows]]
-  return Groups(idx, mask, *further[:4], inv_size, *further[4:])
+
+  def members_after(k):
+    """(rows, idx, mask, inv_size) of the groups a model gives more than k members: their
+    members after the k-th."""
+    rows, more = _rows_with_more(counts, k)
+    real = mask[models, rows, k:] * more[models, rows][:, :, None]
+    return rows, idx[models, rows, k:], real, inv_size[rows]
+
+  return Groups(idx, mask, *members_after(1), inv_size, *members_after(2))
 
 
 def _rows_with_more(counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -316,13 +319,13 @@ _SMALL_GATHERS = 2**17
 # the members after the second in a block, where the groups to which a model gives several
 # members are more than this share of the merged features (greedy merges of the features
 # of real models: a quarter to a third).
-_WHOLE_LAST_SHARE = 1 / 8
+_TWO_MEMBERS_SHARE = 1 / 8
 
 
-def _whole_last_axis(groups: Groups) -> bool:
+def _two_members_on_last_axis(groups: Groups) -> bool:
   """Whether a leaf whose last axis is merged by ``groups`` gathers two members of every
   group of that axis in its main loop (static: from the shapes)."""
-  return groups.rows.shape[1] > _WHOLE_LAST_SHARE * groups.idx.shape[1]
+  return groups.rows.shape[1] > _TWO_MEMBERS_SHARE * groups.idx.shape[1]
 
 
 def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
@@ -366,11 +369,11 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
     return functools.reduce(lax.add, [_gather(xs[i], every[i]) for i in models])
   order = sorted(further[0])
   last = xs[0].ndim - 1
-  if last in further[0] and _whole_last_axis(axes[last][0]):
+  if last in further[0] and _two_members_on_last_axis(axes[last][0]):
     order.remove(last)
     for i in models:
       main[i][last] = tuple(lax.slice_in_dim(v, 0, 2, axis=1) for v in every[i][last])
-      further[i][last] = further[i][last][1:]
+      further[i][last] = further[i][last][1:]  # the second members' part is in ``main``
     if further[0][last]:
       order.insert(0, last)
   y = functools.reduce(lax.add, [_gather(xs[i], main[i]) for i in models])
