@@ -305,26 +305,28 @@ def test_as_groups_is_exactly_the_merge(dim):
     size = mask.sum((0, 2))  # each group's members over all models
     n = merge.M.shape[0]
     for m, (mb, ub) in enumerate(zip(*merge.blocks())):
-      for after, r, r_idx, r_mask, r_inv_size in ((1, rows, rows_idx, rows_mask, rows_inv_size),
-                                                  (2, rows2, rows2_idx, rows2_mask,
-                                                   rows2_inv_size)):
-        several = np.flatnonzero(mask[m].sum(1) > after)
+      for start, stop, r, r_idx, r_mask, r_inv_size in (
+          (1, 2, rows, rows_idx, rows_mask, rows_inv_size),
+          (2, None, rows2, rows2_idx, rows2_mask, rows2_inv_size)):
+        several = np.flatnonzero(mask[m].sum(1) > start)
         assert len(np.unique(r[m])) == r.shape[1]  # distinct rows, padded with other groups
         real = r_mask[m].any(1)
         np.testing.assert_array_equal(r[m][real], several)
-        np.testing.assert_array_equal(r_idx[m][real], idx[m, several, after:])
-        np.testing.assert_array_equal(r_mask[m][real], mask[m, several, after:])
+        np.testing.assert_array_equal(r_idx[m][real], idx[m, several, start:stop])
+        np.testing.assert_array_equal(r_mask[m][real], mask[m, several, start:stop])
         np.testing.assert_array_equal(r_inv_size[m], 1 / size[r[m]])
       np.testing.assert_array_equal(inv_size, 1 / size)
-      # The first members and the rows' further members (padding included) are U exactly,
-      # and so are the first two members and the rows2's members after them.
-      for main, r, r_idx, r_mask in ((1, rows, rows_idx, rows_mask),
-                                     (2, rows2, rows2_idx, rows2_mask)):
+      # The kernels' two ways to split the members (padding included) are U exactly: the
+      # first members, the rows' second members and the rows2's members after them; the
+      # first two members and the rows2's members after them.
+      for main, parts in ((1, ((rows, rows_idx, rows_mask), (rows2, rows2_idx, rows2_mask))),
+                          (2, ((rows2, rows2_idx, rows2_mask),))):
         dense = np.zeros((n, n), np.float32)
         for k in range(min(main, idx.shape[-1])):
           np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
-        for k in range(r_idx.shape[-1]):
-          np.add.at(dense, (r[m], r_idx[m, :, k]), r_mask[m, :, k])
+        for r, r_idx, r_mask in parts:
+          for k in range(r_idx.shape[-1]):
+            np.add.at(dense, (r[m], r_idx[m, :, k]), r_mask[m, :, k])
         np.testing.assert_array_equal(dense, ub.T)
       dense = np.zeros((n, n), np.float32)
       for k in range(idx.shape[-1]):

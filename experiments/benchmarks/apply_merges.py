@@ -171,7 +171,6 @@ def _time_case(case: Case, s: Settings) -> dict:
           "timing": {k: v.to_json() for k, v in timing.items()}}
 
 
-
 def measure(payload: Mapping[str, Any]) -> dict:
   s = Settings.from_json(payload)
   return {"cases": [_time_case(case, s) for case in s.cases]}

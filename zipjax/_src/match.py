@@ -258,9 +258,9 @@ def _greedy_roots(corr: np.ndarray, num_models: int, alpha: float, beta: float) 
   batch's merged features count in their reach); the batch goes on while later rows beat
   that, or tie it with a lower pair (the plain loop's tie rule). A batch's merged rows are
   computed together, as array operations; then the disturbed rows are recomputed and the rows
-  are sorted again: a handful of sorts serve all merges. After a batch that a merged feature's reach cut short, the next takes at
-  most twice the merges it kept (doubling while none is cut), so that few merged rows are
-  computed in vain.
+  are sorted again: a handful of sorts serve all merges. After a batch that a merged
+  feature's reach cut short, the next takes at most twice the merges it kept (doubling while
+  none is cut), so that few merged rows are computed in vain.
 
   The diagonal is -inf in C. Merged-away features are masked when a row is read (their
   columns are never written again, their rows never read), and a model's own block once its

@@ -43,18 +43,19 @@ class Groups(NamedTuple):
   lists the P groups to which model m gives more than one member (the rest is padding,
   ``rows_mask`` 0): a zip gathers every group's first member over the whole leaf and the
   further members of these groups only, instead of multiplying by n x n blocks.
-  ``rows_idx``, ``rows_mask`` and ``rows_inv_size`` are those groups' further members, their
+  ``rows_idx``, ``rows_mask`` and ``rows_inv_size`` are those groups' second members, their
   weights (0 for the padding) and 1 / sizes, taken out on the host so that the zip kernel
   does no index arithmetic. The ``rows2`` fields are the same for the P2 groups to which
-  model m gives more than two members, and their members after the second (for a last axis
-  gathered with two members a group, :func:`_two_members_on_last_axis`).
+  model m gives more than two members, and their members after the second. A kernel takes
+  the first member (or on a last axis, :func:`_two_members_on_last_axis`, the first two) of
+  every group, and the rest from these.
   """
 
   idx: jax.Array  # (N, n, K) int32
   mask: jax.Array  # (N, n, K) float32
   rows: jax.Array  # (N, P) int32: the groups model m gives several members, padded, sorted
-  rows_idx: jax.Array  # (N, P, K - 1) int32: their further members
-  rows_mask: jax.Array  # (N, P, K - 1) float32: 1 for a real further member, else 0
+  rows_idx: jax.Array  # (N, P, 1) int32: their second members
+  rows_mask: jax.Array  # (N, P, 1) float32: 1 for a real second member, else 0
   rows_inv_size: jax.Array  # (N, P) float32: 1 / their sizes
   inv_size: jax.Array  # (n,) float32: 1 / the groups' sizes
   rows2: jax.Array  # (N, P2) int32: the groups model m gives more than two members, padded
@@ -125,14 +126,14 @@ def as_groups(merge: match_lib.Merge) -> Groups | None:
   counts = counts.reshape(num, n)
   models = np.arange(num)[:, None]
 
-  def members_after(k):
-    """(rows, idx, mask, inv_size) of the groups a model gives more than k members: their
-    members after the k-th."""
-    rows, more = _rows_with_more(counts, k)
-    real = mask[models, rows, k:] * more[models, rows][:, :, None]
-    return rows, idx[models, rows, k:], real, inv_size[rows]
+  def members(start, stop):
+    """(rows, idx, mask, inv_size) of the groups a model gives more than ``start`` members:
+    their members ``start`` to ``stop`` - 1 (from 0)."""
+    rows, more = _rows_with_more(counts, start)
+    real = mask[models, rows, start:stop] * more[models, rows][:, :, None]
+    return rows, idx[models, rows, start:stop], real, inv_size[rows]
 
-  return Groups(idx, mask, *members_after(1), inv_size, *members_after(2))
+  return Groups(idx, mask, *members(1, 2), inv_size, *members(2, k))
 
 
 def _rows_with_more(counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -346,7 +347,7 @@ def _groups_apply(xs: Sequence[jax.Array], ms: Sequence[int],
   main loop: XLA does not fuse their gathers, one a model and part, with their concatenation
   and its transposition for the scatter (a 3x3x256x256 kernel merged on its two last axes:
   9 loops and a concatenation against 5; putting the rows first in the program gave the 5
-  loops but no measurable time). Small leaves (``_SMALL_GATHERS``, and every leaf given
+  loops but no faster kernel). Small leaves (``_SMALL_GATHERS``, and every leaf given
   _Members) gather every member combination in one operation instead.
 
   A block on a leaf's last axis is a walk down the whole leaf for each of its columns (the
@@ -399,14 +400,11 @@ def _further(g: Groups, m: int, role: str) -> tuple[tuple[jax.Array, jax.Array, 
   members of the groups it gives several, and where some have more, the members after the
   second of those (so that no block gathers K - 1 members for groups of two)."""
   model = functools.partial(_index0, m)
-  parts = []
-  for rows, idx, mask, inv_size, count in (
-      (g.rows, g.rows_idx, g.rows_mask, g.rows_inv_size, 1),
-      (g.rows2, g.rows2_idx, g.rows2_mask, g.rows2_inv_size, g.rows2_idx.shape[2])):
-    if rows.shape[1] and count:
-      idx, mask = (lax.slice_in_dim(model(a), 0, count, axis=1) for a in (idx, mask))
-      parts.append((model(rows), idx, _weight(mask, model(inv_size), role)))
-  return tuple(parts)
+  return tuple((model(rows), model(idx), _weight(model(mask), model(inv_size), role))
+               for rows, idx, mask, inv_size in (
+                   (g.rows, g.rows_idx, g.rows_mask, g.rows_inv_size),
+                   (g.rows2, g.rows2_idx, g.rows2_mask, g.rows2_inv_size))
+               if rows.shape[1] and idx.shape[2])
 
 
 def _transform(xs: Sequence[jax.Array], ms: Sequence[int],
