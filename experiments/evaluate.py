@@ -303,7 +303,7 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
 
   needed = [s for s in spec.space_names
             if any(s in spaces_of(v.stop_at) for v in variants
-                   if not getattr(v.matcher, "whole_model", False))]
+                   if not isinstance(v.matcher, zipjax.match.WholeModelMatcher))]
   corr = {}
   if needed:
     stats = zipjax.compute_stats(spec, sources, calibration, spaces=needed)
@@ -318,7 +318,7 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
   for v in it:
     spaces = spaces_of(v.stop_at)
     start = time.perf_counter()
-    if getattr(v.matcher, "whole_model", False):
+    if isinstance(v.matcher, zipjax.match.WholeModelMatcher):
       merges = v.matcher(spec, sources, spaces=spaces)
     else:
       merges = {s: v.matcher(corr[s], num_models=num) for s in spaces}

@@ -290,12 +290,13 @@ def test_merge_from_groups_equals_a_loop_over_groups():
   assert merge.M.dtype == merge.U.dtype == np.float32
 
 
-@pytest.mark.parametrize("groups,message", [
-    ([[0, 1], [2], []], "Group 2 of 3 is empty"),
-    ([[0, 1], [1, 2], [3]], "feature 1 is in 2"),
-    ([[0, 1], [3]], "feature 2 is in 0"),
-    ([[0, 1], [2, 4]], r"features 0..3; got \[4\]"),
+@pytest.mark.parametrize("groups,dim,message", [
+    ([[0, 1], [2, 3, 4], []], 6, "Group 2 of 3 is empty"),
+    ([[0, 1], [1, 2], [3, 4, 5]], 6, "feature 1 is in 2"),
+    ([[0, 1], [3]], 4, "feature 2 is in 0"),
+    ([[0, 1], [2, 4]], 4, r"features 0..3; got \[4\]"),
+    ([[0], [1], [2]], 4, r"must be N\*n"),
 ])
-def test_merge_from_groups_rejects_groups_that_do_not_split_the_features(groups, message):
+def test_merge_from_groups_rejects_groups_that_do_not_split_the_features(groups, dim, message):
   with pytest.raises(ValueError, match=message):
-    match.merge_from_groups(groups, 4)
+    match.merge_from_groups(groups, dim)

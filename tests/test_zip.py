@@ -10,9 +10,7 @@ import zipjax
 from zipjax import match
 from zipjax import models
 from zipjax import spec as S
-from zipjax._src import match as match_lib
 from zipjax._src import spec as spec_lib
-from zipjax._src import zipping
 from tests import zoo
 
 MATCHERS = {
@@ -33,21 +31,23 @@ def model_case(request):
   return spec, zipjax.reset_batchnorm(spec, va, data), vb, data
 
 
+@pytest.mark.parametrize("reset_bn", [True, False])
 @pytest.mark.parametrize("matcher", list(MATCHERS))
-def test_self_merge_reproduces_model(model_case, matcher):
+def test_self_merge_reproduces_model(model_case, matcher, reset_bn):
   spec, v, _, data = model_case
-  merged = zipjax.zip(v, v, spec, data=data, matcher=MATCHERS[matcher])
+  merged = zipjax.zip(v, v, spec, data=data, matcher=MATCHERS[matcher], reset_bn=reset_bn)
   for x in data:
-    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-4
+    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-5
 
 
+@pytest.mark.parametrize("reset_bn", [True, False])
 @pytest.mark.parametrize("matcher", ["permute", "greedy_alpha1_beta0"])
-def test_permutation_recovery(model_case, matcher):
+def test_permutation_recovery(model_case, matcher, reset_bn):
   spec, v, _, data = model_case
   vp = zipjax.permute_spaces(v, spec, jax.random.key(7))
-  merged = zipjax.zip(v, vp, spec, data=data, matcher=MATCHERS[matcher])
+  merged = zipjax.zip(v, vp, spec, data=data, matcher=MATCHERS[matcher], reset_bn=reset_bn)
   for x in data:
-    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-4
+    assert _rel_diff(spec.apply(merged, x), spec.apply(v, x)) <= 1e-5
 
 
 def test_merged_tree_matches_inputs_and_is_deterministic(model_case):
@@ -173,7 +173,8 @@ def test_apply_merges_rejects_non_finite_parameters():
 
 
 # ----------------------------------------------------------------------------------------------
-# The zip kernel against a float64 numpy reference: W* = sum_m M_m(out) W_m U_m(in).
+# Applying merges against a float64 numpy reference: W* = sum_m M_m(out) W_m U_m(in), with
+# BatchNorm layers merged as affine maps.
 
 
 def _random_corr(dim, seed):
@@ -187,104 +188,72 @@ def _soft_merge(width, num_models, seed):
   rng = np.random.default_rng(seed)
   M = rng.uniform(size=(width, num_models * width)).astype(np.float32)
   U = rng.normal(size=(num_models * width, width)).astype(np.float32)
-  return match.Merge(M / M.sum(1, keepdims=True), U)
+  return match.DenseMerge(M / M.sum(1, keepdims=True), U)
 
 
 def _numpy_zip(spec, variables_list, merges):
-  flats = [spec_lib.flatten(v) for v in variables_list]
+  flats = [{p: np.asarray(x, np.float64) for p, x in spec_lib.flatten(v).items()}
+           for v in variables_list]
+  for bn in spec.batchnorm_layers():  # the affine map a x + c in place of scale and bias
+    for f in flats:
+      a = f[bn.scale] / np.sqrt(f[bn.var] + 1e-5)
+      f[bn.scale], f[bn.bias] = a, f[bn.bias] - a * f[bn.mean]
   out = {}
   for path in flats[0]:
-    x = np.stack([np.asarray(f[path], np.float64) for f in flats])
+    x = np.stack([f[path] for f in flats])
     axes = spec.leaf_axes(path, x.ndim - 1)
     for axis, ax in axes.items():
       ms, us = merges[ax.space].blocks()
-      mats = {"out": ms, "var": [a * a for a in ms], "in": [u.T for u in us]}[ax.role]
+      mats = ms if ax.role != "in" else [u.T for u in us]
       x = np.stack([np.moveaxis(np.tensordot(mats[m].astype(np.float64),
                                              np.moveaxis(x[m], axis, 0), axes=(1, 0)), 0, axis)
                     for m in range(len(flats))])
     out[path] = x.sum(0) if any(a.role != "in" for a in axes.values()) else x.mean(0)
+  for bn in spec.batchnorm_layers():
+    a = out[bn.scale]
+    out[bn.scale] = a * np.sqrt(out[bn.var] + 1e-5)
+    out[bn.bias] = out[bn.bias] + a * out[bn.mean]
   return out
 
 
 MERGE_KINDS = {
-    # alpha = beta = 1: long chains, several members of one model in a group (gathers, K > 1)
+    # alpha = beta = 1: long chains, several members of one model in a group
     "greedy_chains": lambda corr, n: match.greedy(alpha=1.0, beta=1.0)(corr, num_models=n),
     "greedy": lambda corr, n: match.greedy()(corr, num_models=n),
     "permute": lambda corr, n: match.permute()(corr, num_models=n),
-    "soft": None,  # dense blocks
+    "soft": None,  # dense M and U
 }
 
 
-def _merges(spec, num_models, kind):
-  return {s.name: (_soft_merge(s.width, num_models, i) if kind == "soft"
-                   else MERGE_KINDS[kind](_random_corr(num_models * s.width, i), num_models))
+def _merges(spec, num_models, kind, seed=0):
+  return {s.name: (_soft_merge(s.width, num_models, seed + i) if kind == "soft"
+                   else MERGE_KINDS[kind](_random_corr(num_models * s.width, seed + i),
+                                          num_models))
           for i, s in enumerate(spec.spaces)}
 
 
-@pytest.fixture
-def fresh_programs():
-  """The zip programs split and traced anew, before the test and after it, failed or not:
-  they depend on the thresholds a test may change."""
-  zipping._programs.cache_clear()
-  zipping._zip_leaves_program.clear_cache()
-  yield
-  zipping._programs.cache_clear()
-  zipping._zip_leaves_program.clear_cache()
+def _with_trained_batchnorm(spec, variables, seed):
+  """Variables whose BatchNorm statistics and affine parameters are far from init values."""
+  rng = np.random.default_rng(seed)
+  flat = dict(spec_lib.flatten(variables))
+  for bn in spec.batchnorm_layers():
+    shape = np.shape(flat[bn.var])
+    flat[bn.var] = rng.uniform(0.1, 3.0, shape).astype(np.float32)
+    for p in (bn.mean, bn.scale, bn.bias):
+      flat[p] = rng.normal(size=shape).astype(np.float32)
+  return spec_lib.unflatten(flat)
 
 
-@pytest.fixture(params=["fused", "blocks", "blocks, two members on the last axis"])
-def gather_path(request, monkeypatch, fresh_programs):
-  """The zip kernels' ways to apply group merges: small leaves gather every member in one
-  fused loop, larger ones the first members, then blocks of further members, or on a last
-  axis whose groups often have several members of a model, the first two members, then
-  blocks of the rest. The test models are small: "blocks" sends every leaf the larger
-  leaves' way with further members of the last axis in blocks, the third setting with two
-  members of every group of the last axis in the main loop."""
-  del fresh_programs
-  if request.param != "fused":
-    monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-    monkeypatch.setattr(zipping, "_TWO_MEMBERS_SHARE", 0.0 if "two" in request.param else 2.0)
-  return request.param
-
-
-def test_small_leaves_take_the_fused_path_and_the_fixture_sends_them_to_blocks(gather_path):
-  # The zoo's leaves are all small enough for one fused loop: without the "blocks" setting,
-  # the blocks and scatters would go untested.
-  spec, variables, _ = zoo.make("resnet20", num_models=2)
-  merges = _merges(spec, 2, "greedy_chains")
-  hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
-                ).lower(tuple(spec_lib.flatten(v) for v in variables)).as_text()
-  assert ("scatter" in hlo) == (gather_path != "fused")
-
-
-def test_two_members_on_the_last_axis_leave_fewer_scatters(monkeypatch, fresh_programs):
-  # The fixture's two "blocks" settings must take different paths: with two members a group
-  # in the main loop, a last axis scatters only the groups with three or more members.
-  del fresh_programs
-  monkeypatch.setattr(zipping, "_SMALL_GATHERS", 0)
-  spec, variables, _ = zoo.make("resnet20", num_models=2)
-  merges = _merges(spec, 2, "greedy_chains")
-  flats = tuple(spec_lib.flatten(v) for v in variables)
-  scatters = {}
-  for share in (2.0, 0.0):
-    monkeypatch.setattr(zipping, "_TWO_MEMBERS_SHARE", share)
-    zipping._programs.cache_clear()
-    zipping._zip_leaves_program.clear_cache()
-    hlo = jax.jit(lambda f: zipping._zip_leaves(spec, None, f, zipping.prepare_merges(merges))[0]
-                  ).lower(flats).as_text()
-    scatters[share] = hlo.count("stablehlo.scatter")
-  assert 0 < scatters[0.0] < scatters[2.0], scatters
-
-
+@pytest.mark.parametrize("kernel", ["segment_sum", "einsum"])
 @pytest.mark.parametrize("kind", list(MERGE_KINDS))
 @pytest.mark.parametrize("name,num_models", [("mlp", 2), ("mlp", 3), ("resnet20", 2)])
-def test_apply_merges_equals_numpy_reference(name, num_models, kind, gather_path):
-  del gather_path
+def test_apply_merges_equals_numpy_reference(name, num_models, kind, kernel):
   spec, variables, _ = zoo.make(name, num_models=num_models)
+  variables = [_with_trained_batchnorm(spec, v, m) for m, v in enumerate(variables)]
   merges = _merges(spec, num_models, kind)
-  if kind == "greedy_chains":  # the case this test exists for: a model gives a group several
-    assert max(int(zipping.as_groups(m).mask.sum(-1).max()) for m in merges.values()) > 1
-  got = spec_lib.flatten(zipjax.apply_merges(spec, list(variables), merges))
+  if kind == "greedy_chains":  # the case it exists for: a model gives a group several members
+    assert any((np.bincount(m.groups[0], minlength=m.width) > 1).any() for m in merges.values())
+  got = spec_lib.flatten(zipjax.apply_merges(spec, variables, merges, kernel=kernel))
   want = _numpy_zip(spec, variables, merges)
   assert got.keys() == want.keys()
   for path in want:
@@ -292,214 +261,139 @@ def test_apply_merges_equals_numpy_reference(name, num_models, kind, gather_path
         want[path]).max(), err_msg=spec_lib.fmt_path(path))
 
 
-@pytest.mark.parametrize("dim", [48, 12])  # 12: three models of width 4
-def test_as_groups_is_exactly_the_merge(dim):
-  corr = _random_corr(dim, 0)
-  for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity()):
-    merge = matcher(corr, num_models=3)
-    groups = zipping.as_groups(merge)
-    (idx, mask, rows, rows_idx, rows_mask, rows_inv_size, inv_size, rows2, rows2_idx,
-     rows2_mask, rows2_inv_size) = (np.asarray(a) for a in groups)
-    if dim == 48 and matcher.__name__.startswith("greedy(alpha=1.0, beta=1.0)"):  # chains
-      assert rows2_mask.any(), "no group with three members of a model: rows2 untested"
-    size = mask.sum((0, 2))  # each group's members over all models
-    n = merge.M.shape[0]
-    for m, (mb, ub) in enumerate(zip(*merge.blocks())):
-      for start, stop, r, r_idx, r_mask, r_inv_size in (
-          (1, 2, rows, rows_idx, rows_mask, rows_inv_size),
-          (2, None, rows2, rows2_idx, rows2_mask, rows2_inv_size)):
-        several = np.flatnonzero(mask[m].sum(1) > start)
-        assert len(np.unique(r[m])) == r.shape[1]  # distinct rows, padded with other groups
-        real = r_mask[m].any(1)
-        np.testing.assert_array_equal(r[m][real], several)
-        np.testing.assert_array_equal(r_idx[m][real], idx[m, several, start:stop])
-        np.testing.assert_array_equal(r_mask[m][real], mask[m, several, start:stop])
-        np.testing.assert_array_equal(r_inv_size[m], 1 / size[r[m]])
-      np.testing.assert_array_equal(inv_size, 1 / size)
-      # The kernels' two ways to split the members (padding included) are U exactly: the
-      # first members, the rows' second members and the rows2's members after them; the
-      # first two members and the rows2's members after them.
-      for main, parts in ((1, ((rows, rows_idx, rows_mask), (rows2, rows2_idx, rows2_mask))),
-                          (2, ((rows2, rows2_idx, rows2_mask),))):
-        dense = np.zeros((n, n), np.float32)
-        for k in range(min(main, idx.shape[-1])):
-          np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
-        for r, r_idx, r_mask in parts:
-          for k in range(r_idx.shape[-1]):
-            np.add.at(dense, (r[m], r_idx[m, :, k]), r_mask[m, :, k])
-        np.testing.assert_array_equal(dense, ub.T)
-      dense = np.zeros((n, n), np.float32)
-      for k in range(idx.shape[-1]):
-        np.add.at(dense, (np.arange(n), idx[m, :, k]), mask[m, :, k])
-      np.testing.assert_array_equal(dense, ub.T)
-      np.testing.assert_array_equal(dense / size[:, None], mb)
-  assert zipping.as_groups(_soft_merge(16, 2, 0)) is None
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_apply_merges_of_copies_is_exact_without_a_reset(name):
+  # A self-merge and a permuted copy, merged by identity / the permutation: every leaf comes
+  # back, BatchNorm layers included, with no statistics recomputed.
+  spec, (v, _), _ = zoo.make(name)
+  v = _with_trained_batchnorm(spec, v, 0)
+  perms = spec_lib.random_permutations(spec, jax.random.key(1))
+  vp = zipjax.permute_spaces(v, spec, perms=perms)
+  identity = {s.name: match.merge_from_groups([[j, s.width + j] for j in range(s.width)],
+                                              2 * s.width) for s in spec.spaces}
+  # feature j of the copy is feature perm[j] of the model: merge it with that one
+  undo = {s.name: match.merge_from_groups(
+      [[j, s.width + int(np.argsort(perms[s.name])[j])] for j in range(s.width)], 2 * s.width)
+      for s in spec.spaces}
+  for kernel in ("segment_sum", "einsum"):
+    for other, merges in ((v, identity), (vp, undo)):
+      merged = zipjax.apply_merges(spec, [v, other], merges, kernel=kernel)
+      for path, x in spec_lib.flatten(merged).items():
+        np.testing.assert_allclose(x, spec_lib.flatten(v)[path], rtol=1e-6, atol=1e-7,
+                                   err_msg=f"{kernel} {spec_lib.fmt_path(path)}")
 
 
 @pytest.mark.parametrize("name,num_models,partial,kind", [
-    ("mlp", 3, False, "greedy_chains"), ("mlp", 3, False, "greedy"),
-    ("mlp", 3, False, "permute"), ("mlp", 3, True, "greedy_chains"),
-    ("resnet20", 2, True, "greedy_chains")])
-def test_every_value_of_every_model_reaches_the_zipped_leaf(name, num_models, partial, kind,
-                                                            gather_path):
-  # The kernel clears a leaf as finite from one sum over its zipped result. That catches a
-  # NaN or inf anywhere in any model only if every value reaches the result with a weight
-  # that is not 0. Group merges weigh by 1, 1/|g| or 1/|g|^2 > 0, so the gradient of the
-  # result's sum must be positive at every value of every model, trunk and head leaves alike.
+    ("mlp", 3, False, "greedy_chains"), ("mlp", 3, False, "soft"),
+    ("mlp", 3, True, "greedy"), ("resnet20", 2, True, "greedy_chains"),
+    ("resnet20", 2, False, "greedy_chains")])
+def test_apply_merges_finds_a_non_finite_value_in_any_leaf_of_any_model(name, num_models,
+                                                                        partial, kind):
+  # The program clears the models as finite from one sum over its result: every value of
+  # every model must reach the result. A NaN or inf in any leaf is named, trunk or head.
   spec, variables, _ = zoo.make(name, num_models=num_models)
-  trunk = (frozenset(spec.trunk_spaces(spec.stop_points[len(spec.stop_points) // 2]))
-           if partial else None)
+  stop = spec.stop_points[len(spec.stop_points) // 2] if partial else None
   merges = _merges(spec, num_models, kind)
-  plans = zipping.prepare_merges({k: v for k, v in merges.items() if trunk is None or k in trunk})
-
-  def total(flats):
-    out, _ = zipping._zip_leaves(spec, trunk, flats, plans)
-    return sum(jnp.sum(x) for x in out.values())
-
-  grads = jax.grad(total)(tuple(spec_lib.flatten(v) for v in variables))
-  for m, flat in enumerate(grads):
-    for path, g in flat.items():
-      assert np.all(np.asarray(g) > 0), f"model {m}, {spec_lib.fmt_path(path)}"
-
-
-@pytest.mark.parametrize("kind", ["greedy_chains", "soft"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_apply_merges_finds_a_non_finite_value_at_a_further_member(kind, bad, gather_path):
-  spec, (va, vb), _ = zoo.make("resnet20")
-  merges = _merges(spec, 2, kind)
-  leaf = "params/stage2_block0/conv2/kernel"  # reads and writes a merged space
-  path = tuple(leaf.split("/"))
-  axes = spec.leaf_axes(path, 4)
-  (in_axis,) = [a for a, ax in axes.items() if ax.role == "in"]
-  feature = 0
-  if kind == "greedy_chains":  # a feature of model 1 that is not the first of its group
-    groups = zipping.as_groups(merges[axes[in_axis].space])
-    rows = np.flatnonzero(np.asarray(groups.mask)[1, :, 1] > 0)
-    feature = int(np.asarray(groups.idx)[1, rows[0], 1])
-  flat = spec_lib.flatten(vb)
-  index = [0] * 4
-  index[in_axis] = feature
-  flat[path] = flat[path].at[tuple(index)].set(bad)
-  with pytest.raises(zipjax.MismatchError, match=r"Model 1 .*" + leaf):
-    zipjax.apply_merges(spec, [va, spec_lib.unflatten(flat)], merges)
-
-
-def test_as_groups_of_merges_built_from_groups_equals_the_scan_of_m_and_u():
-  corr = _random_corr(48, 1)
-  for matcher in (match.greedy(alpha=1.0, beta=1.0), match.greedy(), match.identity(),
-                  match.permute()):
-    merge = matcher(corr, num_models=3)
-    assert match_lib.merge_groups(merge) is not None  # the fast path is taken
-    plain = match.Merge(merge.M.copy(), merge.U.copy())
-    assert match_lib.merge_groups(plain) is None  # writeable arrays: scanned
-    for fast, scanned in zip(zipping.as_groups(merge), zipping.as_groups(plain)):
-      np.testing.assert_array_equal(fast, scanned)
-
-
-def test_packed_groups_unpack_to_the_same_arrays_inside_jit():
-  # apply_merges sends the Groups of all spaces as two arrays (int32 and float32 fields) and
-  # slices each space's fields out inside the kernel; identity merges have no further
-  # members (K = 1, P = 0), greedy chains have several.
-  groups = {name: zipping.as_groups(matcher(_random_corr(48, i), num_models=3))
-            for i, (name, matcher) in enumerate([("chains", match.greedy(alpha=1.0, beta=1.0)),
-                                                 ("identity", match.identity()),
-                                                 ("greedy", match.greedy())])}
-  packed = zipping._PackedGroups.pack_all(groups)
-  assert len(jax.tree_util.tree_leaves(packed)) == 2 * len(groups)
-  assert len({id(a) for a in jax.tree_util.tree_leaves(packed)}) == 2  # shared
-  unpacked = jax.jit(lambda p: {k: v.unpack() for k, v in p.items()})(jax.device_put(packed))
-  for space in groups:
-    for name, want, got in zip(zipping.Groups._fields, groups[space], unpacked[space]):
-      assert got.dtype == want.dtype, (space, name)
-      np.testing.assert_array_equal(got, want, err_msg=f"{space} {name}")
-
-
-def test_prepare_merges_sends_all_group_merges_in_two_arrays():
-  spec, _, _ = zoo.make("mlp", num_models=2)
-  merges = _merges(spec, 2, "greedy")
-  merges[spec.space_names[0]] = _soft_merge(spec.width(spec.space_names[0]), 2, 0)  # dense
-  plans = zipping.prepare_merges(merges)
-  assert list(plans.device) == list(merges)
-  assert isinstance(plans.device[spec.space_names[0]], tuple)
-  assert spec.space_names[0] not in plans.members
-  packed = [p for p in plans.device.values() if isinstance(p, zipping._PackedGroups)]
-  assert len(packed) == len(merges) - 1
-  assert len({id(a) for p in packed for a in (p.ints, p.floats)}) == 2
-  for name, p in plans.device.items():
-    if isinstance(p, zipping._PackedGroups):
-      groups = zipping.as_groups(merges[name])
-      for field, want, got in zip(zipping.Groups._fields, groups,
-                                  jax.jit(lambda q: q.unpack())(p)):
-        np.testing.assert_array_equal(got, want, err_msg=f"{name} {field}")
-      # The small leaves' members: the same members, K rounded up with weight-0 padding.
-      members = plans.members[name]
-      k, rounded = groups.idx.shape[2], members.idx.shape[2]
-      assert (rounded == 1) == (k == 1) and rounded >= k
-      assert rounded == 1 or (rounded >= 4 and rounded & (rounded - 1) == 0)  # 4, 8, ...
-      np.testing.assert_array_equal(members.idx[:, :, :k], groups.idx)
-      np.testing.assert_array_equal(members.mask[:, :, :k], groups.mask)
-      assert not members.mask[:, :, k:].any()
-
-
-def test_programs_of_small_leaves_are_found_compiled_for_other_merges(monkeypatch,
-                                                                      fresh_programs):
-  # Greedy merges of other models have other sizes K and P. The programs of small leaves
-  # take neither P nor the exact K, so they compile once; here every leaf counts as small.
-  del fresh_programs
-  monkeypatch.setattr(zipping, "_SMALL_GATHERS", 2**30)
-  spec, variables, _ = zoo.make("resnet20", num_models=2)
-  flats = tuple(spec_lib.flatten(v) for v in variables)
-  assert all(zipping._is_small(x.size, len(spec.leaf_axes(p, x.ndim)))
-             for p, x in flats[0].items())
-  sizes, shapes = [], set()
-  for seed in range(3):
-    merges = {s.name: match.greedy()(_random_corr(2 * s.width, 100 * seed + i), num_models=2)
-              for i, s in enumerate(spec.spaces)}
-    shapes.add(tuple(zipping.as_groups(m).rows.shape for m in merges.values()))
-    zipping._zip_leaves(spec, None, flats, zipping.prepare_merges(merges))
-    sizes.append(zipping._zip_leaves_program._cache_size())
-  assert len(shapes) == 3  # the merges' P differ: programs taking P would compile again
-  assert sizes == [sizes[0]] * 3
-
-
-def test_merges_built_from_groups_are_read_only():
-  merge = match.merge_from_groups([[0, 2], [1, 3]], 4)
-  with pytest.raises(ValueError, match="read-only"):
-    merge.M[0, 0] = 1.0
-  with pytest.raises(ValueError, match="read-only"):
-    merge.U[0, 0] = 0.0
-  assert repr(merge).startswith("Merge(M=")
-
-
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_scatter_add_on_any_axis_equals_numpy(axis):
-  rng = np.random.default_rng(axis)
-  y = rng.normal(size=(5, 6, 7)).astype(np.float32)
-  rows = np.array([3, 1, 3, 0], np.int32)  # unsorted, with a repeat: the two add up
-  block_shape = [len(rows) if a == axis else d for a, d in enumerate(y.shape)]
-  block = rng.normal(size=block_shape).astype(np.float32)
-  want = np.moveaxis(y.copy(), axis, 0)
-  np.add.at(want, rows, np.moveaxis(block, axis, 0))
-  got = zipping._scatter_add(jnp.asarray(y), axis, jnp.asarray(rows), jnp.asarray(block))
-  np.testing.assert_allclose(got, np.moveaxis(want, 0, axis), rtol=1e-6)
-
-
-def test_gather_of_leaves_too_big_for_flat_indices_takes_axis_by_axis(monkeypatch):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(3, 6, 5)).astype(np.float32))
-  ops = {1: (jnp.asarray(rng.integers(0, 6, size=(4, 2)), jnp.int32),
-             jnp.asarray(rng.uniform(size=(4, 2)), jnp.float32)),
-         2: (jnp.asarray(rng.integers(0, 5, size=(5, 3)), jnp.int32),
-             jnp.asarray(rng.uniform(size=(5, 3)), jnp.float32))}
-  flat = zipping._gather(x, ops)
-  monkeypatch.setattr(zipping, "_FLAT_INDEX_LIMIT", 1)
-  by_axis = zipping._gather(x, ops)
-  want = np.asarray(x)
-  for axis, (idx, w) in ops.items():
-    idx, w = np.asarray(idx), np.asarray(w)
-    shape = [1] * 3
-    shape[axis] = idx.shape[0]
-    want = sum(np.take(want, idx[:, k], axis=axis) * w[:, k].reshape(shape)
-               for k in range(idx.shape[1]))
-  np.testing.assert_allclose(flat, want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(by_axis, want, rtol=1e-5, atol=1e-6)
+  flat = spec_lib.flatten(variables[-1])
+  for i, path in enumerate(flat):
+    bad = dict(flat)
+    index = tuple(int(rng.integers(d)) for d in np.shape(flat[path]))
+    bad[path] = jnp.asarray(flat[path]).at[index].set(np.nan if i % 2 else np.inf)
+    models = list(variables[:-1]) + [spec_lib.unflatten(bad)]
+    with pytest.raises(zipjax.MismatchError, match=f"Model {num_models - 1} .*"
+                       + spec_lib.fmt_path(path)):
+      zipjax.apply_merges(spec, models, merges, stop_at=stop)
+
+
+def _compiles_during(fn):
+  """How many XLA programs ``fn()`` compiles (JAX's public monitoring events)."""
+  seen = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return len(seen)
+
+
+@pytest.mark.parametrize("stop_at", [None, "stage2"])
+def test_zip_of_another_pair_compiles_no_new_program(stop_at):
+  # The programs depend on the architecture, the number of models and the batch shapes, not
+  # on the weights or the merges: a zip of other models, with another matcher, compiles
+  # nothing once one zip ran.
+  spec, variables, data = zoo.make("resnet20", num_models=4)
+  first = _compiles_during(lambda: zipjax.zip(variables[0], variables[1], spec, data=data,
+                                              stop_at=stop_at))
+  again = _compiles_during(lambda: zipjax.zip(variables[2], variables[3], spec, data=data,
+                                              stop_at=stop_at,
+                                              matcher=match.greedy(alpha=0.3, beta=0.125)))
+  assert first > 0 and again == 0, (first, again)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge types
+
+
+def test_group_merge_m_and_u_average_and_copy_the_groups():
+  merge = match.merge_from_groups([[0, 3], [1, 2, 5], [4]], 6)  # two models of width 3
+  np.testing.assert_array_equal(merge.groups, [[0, 1, 1], [0, 2, 1]])
+  want_m = np.zeros((3, 6), np.float32)
+  for g, members in enumerate([[0, 3], [1, 2, 5], [4]]):
+    want_m[g, members] = 1 / len(members)
+  np.testing.assert_array_equal(merge.M, want_m)
+  np.testing.assert_array_equal(merge.U, (want_m > 0).T.astype(np.float32))
+  np.testing.assert_array_equal(merge.sizes, [2, 3, 1])
+  assert merge.members() == [[0, 3], [1, 2, 5], [4]]
+  assert (merge.num_models, merge.width) == (2, 3)
+  ms, us = merge.blocks()
+  np.testing.assert_array_equal(np.concatenate(ms, 1), merge.M)
+  np.testing.assert_array_equal(np.concatenate(us, 0), merge.U)
+
+
+def test_group_merge_is_read_only_and_a_pytree():
+  merge = match.GroupMerge(np.array([[1, 0], [0, 1]]))
+  with pytest.raises(ValueError, match="read-only"):
+    merge.groups[0, 0] = 1
+  leaves, treedef = jax.tree_util.tree_flatten(merge)
+  assert len(leaves) == 1 and leaves[0].dtype == np.int32
+  back = jax.jit(lambda m: m)(merge)
+  assert isinstance(back, match.GroupMerge)
+  np.testing.assert_array_equal(back.groups, merge.groups)
+  assert treedef == jax.tree_util.tree_structure(match.GroupMerge(np.zeros((2, 2), int) + [0, 1]))
+
+
+@pytest.mark.parametrize("groups,message", [
+    (np.zeros((2, 3)), "integer"),
+    (np.array([[0, 1, 3], [0, 1, 2]]), "0..2"),
+    (np.array([[0, 1, 1], [0, 1, 1]]), "Merged feature 2 has no members"),
+    (np.array([0, 1]), r"\(N, n\)"),
+])
+def test_group_merge_rejects_bad_groups(groups, message):
+  with pytest.raises(ValueError, match=message):
+    match.GroupMerge(groups)
+
+
+def test_dense_merge_checks_shapes_and_apply_merges_checks_widths():
+  with pytest.raises(ValueError, match="M of shape"):
+    match.DenseMerge(np.zeros((4, 6)), np.zeros((6, 4)))
+  spec, (va, vb), _ = zoo.make("mlp")
+  merges = _merges(spec, 2, "soft")
+  merges["hidden0"] = _soft_merge(spec.width("hidden0"), 3, 0)
+  with pytest.raises(zipjax.MismatchError, match="hidden0.*for 3 models"):
+    zipjax.apply_merges(spec, [va, vb], merges)
+  merges["hidden0"] = np.eye(4)
+  with pytest.raises(TypeError, match="GroupMerge or DenseMerge"):
+    zipjax.apply_merges(spec, [va, vb], merges)
+
+
+def test_apply_merges_rejects_an_unknown_kernel():
+  spec, (va, vb), _ = zoo.make("mlp")
+  with pytest.raises(ValueError, match="Unknown kernel 'gather'"):
+    zipjax.apply_merges(spec, [va, vb], _merges(spec, 2, "greedy"), kernel="gather")

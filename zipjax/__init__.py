@@ -18,7 +18,7 @@ from zipjax._src.spec import Spec
 from zipjax._src.stats import compute_stats
 from zipjax._src.stats import correlation
 from zipjax._src.stats import FeatureStats
-from zipjax._src.zipping import apply_merges
+from zipjax._src.apply import apply_merges
 from zipjax._src.zipping import compute_merges
 from zipjax._src.zipping import zip  # pylint: disable=redefined-builtin
 from zipjax._src.zipping import zip_many

@@ -1,20 +1,25 @@
-"""Matchers: factories returning ``matcher(corr, *, num_models) -> Merge(M, U)``."""
+"""Matchers (factories returning ``matcher(corr, *, num_models) -> Merge``) and merges."""
 
 from zipjax._src.match import greedy
 from zipjax._src.match import greedy_reference
 from zipjax._src.match import identity
 from zipjax._src.match import kmeans
 from zipjax._src.match import Matcher
-from zipjax._src.match import Merge
-from zipjax._src.match import merge_from_groups
+from zipjax._src.match import WholeModelMatcher
+from zipjax._src.merge import DenseMerge
+from zipjax._src.merge import GroupMerge
+from zipjax._src.merge import Merge
+from zipjax._src.merge import merge_from_groups
 from zipjax._src.match import optimal
 from zipjax._src.match import permute
 from zipjax._src.match import same_model_budget
 from zipjax._src.weight_matching import weight_matching
 
 __all__ = (
+    "DenseMerge",
     "greedy",
     "greedy_reference",
+    "GroupMerge",
     "identity",
     "kmeans",
     "Matcher",
@@ -24,4 +29,5 @@ __all__ = (
     "permute",
     "same_model_budget",
     "weight_matching",
+    "WholeModelMatcher",
 )

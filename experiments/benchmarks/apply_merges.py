@@ -1,34 +1,19 @@
 """Applying merges: ``zipjax.apply_merges`` against a jitted copy of the same trees.
 
-Two models with random weights are zipped with one Merge per space: identity merges (weight
-averaging), greedy merges (``zipjax.match.greedy()``) on synthetic correlations of features
-with shared structure (``greedy.feature_correlation``), and greedy merges of the models' own
-features (their statistics on random images, as ``zipjax.zip`` computes them). The kinds of
-greedy merges differ where it costs: of their groups, a model gives several members to 2-5 %
-(synthetic) or to a quarter (the models' features, random or trained: 19-34 % on the
-ResNet-20s the default experiment trains). The baseline is the least any zip must
-do, read both models and write a tree: ``jax.jit(lambda t: tree_map(lambda x: x * 1.0, t))``
-on both models' variables.
+Two models with random weights are zipped with one merge per space: identity merges (weight
+averaging), greedy merges on synthetic correlations of features with shared structure
+(``greedy.feature_correlation``), and greedy merges of the models' own features (their
+statistics on random images, as ``zipjax.zip`` computes them). The baseline is the least any
+zip must do, read both models and write a tree: ``jax.jit(lambda t: tree_map(lambda x: x *
+1.0, t))`` on both models' variables.
 
-Two rows per case: the whole public call (it also validates the inputs and turns the merges
-into gather indices) and, where the library's internal kernel can be reached, the jitted
-kernel alone on inputs prepared as the call prepares them. Compilation is excluded; the
-median of the repeats is reported. Two more rows time single first calls, compilation
-included: on the merges, then on other merges of the same kind (another seed), which finds
-the kernels compiled where the merges have the same shapes (identity merges; for greedy
-merges, whose sizes K and P change, the small leaves' programs only). All merge kinds of one
-architecture are timed in the same rounds against one baseline.
-
+Rows per case and merge kind: the whole public call (default kernel) and the jitted program
+alone with each kernel ("segment_sum", "einsum"), compilation excluded, the median of the
+repeats; then two single first calls, compilation included: on the merges from empty caches,
+then on other merges of the kind (another seed), which must find the program compiled.
 Everything is measured in a fresh process with glibc told to keep the memory it frees
-(``common.STEADY_ALLOCATOR_ENV``). Under the default allocator the copy's time was not one
-number: its output buffers (twice the kernel's) got fresh pages from the kernel on some calls
-and reused memory on others, depending on what else the process had run. The copy of two
-ResNet-50s took 10.4, 15.0, 56 and 72.5 ms in four processes and of two ResNet-20x8s 10.0 to
-38 ms, while the greedy-merge kernel took 45-51 and 32-40 ms throughout, so the same kernel
-read as 0.7x to 4.5x a copy. With the steady allocator, two processes per model gave median
-copies of 15.7 / 15.9 ms (ResNet-50) and 10.4 / 10.7 ms (ResNet-20x8), the kernel 3.0-3.1x.
-
-Target: ratio <= 3.
+(``common.STEADY_ALLOCATOR_ENV``): under the default allocator the copy's output buffers got
+fresh pages on some calls and reused memory on others, and the baseline was not one number.
 """
 
 from __future__ import annotations
@@ -50,7 +35,6 @@ from zipjax import match
 NAME = "apply_merges"
 TITLE = "Applying merges vs a jitted copy"
 BASELINE = "jitted copy of both trees"
-TARGET = common.Target("<=", 3.0)
 
 # Merge kinds: {name: how the rows call them}.
 KINDS = {
@@ -119,22 +103,23 @@ def make_merges(spec: zipjax.Spec, num_models: int, kind: str, *, seed: int = 0,
   return merges
 
 
-def kernel_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.Merge]
-                ) -> tuple[Callable[[], Any] | None, str]:
-  """A call of the library's jitted zip kernel alone, on inputs prepared as ``apply_merges``
-  prepares them (flat variables, merges as gather indices on the device), or None and why
-  not if the library's internals have changed."""
+def kernel_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.Merge],
+                kernel: str) -> tuple[Callable[[], Any] | None, str]:
+  """A call of the library's jitted merge program alone with ``kernel``, on inputs prepared
+  as ``apply_merges`` prepares them, or None and why not if the library's internals changed."""
   try:
+    from zipjax._src import apply as apply_lib  # pylint: disable=g-import-not-at-top
     from zipjax._src import spec as spec_lib  # pylint: disable=g-import-not-at-top
-    from zipjax._src import zipping  # pylint: disable=g-import-not-at-top
     flats = tuple(spec_lib.flatten(v) for v in variables)
-    plans = zipping.prepare_merges(merges)
-    kernel = zipping._zip_leaves  # pylint: disable=protected-access
-    call = lambda: kernel(spec, None, flats, plans)
+    merges = jax.device_put(dict(merges))
+    call = lambda: apply_lib.merge_program(spec, None, kernel, flats, merges)
     jax.block_until_ready(call())
     return call, ""
   except Exception as e:  # pylint: disable=broad-except
     return None, f"kernel not timed ({type(e).__name__}: {e})"[:200]
+
+
+KERNELS = ("segment_sum", "einsum")
 
 
 def _time_case(case: Case, s: Settings) -> dict:
@@ -151,14 +136,14 @@ def _time_case(case: Case, s: Settings) -> dict:
     merges = merges_of[kind] = make(kind)
     fns[f"{kind}: apply_merges"] = (
         lambda merges=merges: zipjax.apply_merges(spec, variables, merges))
-    kernel, why[kind] = kernel_call(spec, variables, merges)
-    if kernel is not None:
-      fns[f"{kind}: kernel"] = kernel
+    for k in KERNELS:
+      call, why[f"{kind}: {k}"] = kernel_call(spec, variables, merges, k)
+      if call is not None:
+        fns[f"{kind}: {k}"] = call
   timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
   # First calls, compilation included: on the merges, then on other merges of the kind
-  # (another seed). After the timing, from empty caches for each kind (kinds of greedy
-  # merges share the small leaves' programs): compiling first left the process's memory so
-  # that the copy baseline took 11.9 instead of 15.6-16.6 ms.
+  # (another seed). After the timing, from empty caches for each kind: compiling first
+  # changes the process's memory, and with it the copy baseline.
   first_calls = {}
   for kind in s.merges:
     others = make(kind, seed=1)
@@ -188,19 +173,20 @@ def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
             **{k.split(": ")[-1]: v for k, v in timing.items()
                if k == "baseline" or k.startswith(kind + ":")}}
     call = timing[f"{kind}: apply_merges"]["median"]
-    rows.append(common.Row(NAME, label + ": whole call", call, BASELINE, base, target=TARGET,
+    rows.append(common.Row(NAME, label + ": whole call", call, BASELINE, base,
                            notes=f"{common.fmt_bytes(nbytes)} of models", data=data))
     firsts = ("first call (compiling)", "first call on other merges of the kind")
     for what, seconds in zip(firsts, result["first_calls"][kind]):
       rows.append(common.Row(NAME, f"{label}: {what}", seconds, "none (compilation included)",
                              None, notes="one call", data=data))
-    if f"{kind}: kernel" in timing:
-      kernel = timing[f"{kind}: kernel"]["median"]
-      rows.append(common.Row(NAME, label + ": jitted kernel only", kernel, BASELINE, base,
-                             target=TARGET, notes="_zip_leaves", data=data))
-    else:
-      rows.append(common.Row(NAME, label + ": jitted kernel only", None, BASELINE, base,
-                             notes=result["why_no_kernel"][kind], data=data))
+    for k in KERNELS:
+      key = f"{kind}: {k}"
+      if key in timing:
+        rows.append(common.Row(NAME, f"{label}: program only, {k}", timing[key]["median"],
+                               BASELINE, base, notes="merge_program", data=data))
+      else:
+        rows.append(common.Row(NAME, f"{label}: program only, {k}", None, BASELINE, base,
+                               notes=result["why_no_kernel"][key], data=data))
   return rows
 
 

@@ -68,8 +68,8 @@ def _stages(spec: zipjax.Spec, variables: list, batches: list) -> tuple[dict, An
 def _validation_call(spec: zipjax.Spec, variables: list):
   """The input checks ``zip`` starts with, if the library's internals can be reached."""
   try:
-    from zipjax._src import zipping  # pylint: disable=g-import-not-at-top
-    check = zipping.check_models
+    from zipjax._src import spec as spec_lib  # pylint: disable=g-import-not-at-top
+    check = spec_lib.check_models
     check(spec, variables)
     return lambda: check(spec, variables)
   except Exception:  # pylint: disable=broad-except

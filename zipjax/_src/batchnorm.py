@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from zipjax._src import data as data_lib
@@ -104,8 +105,8 @@ def _reset(spec, flat, stacked, data, progress, mesh) -> dict:
   if mesh is not None:
     out_sharding = sharding_lib.replicated(mesh)
     variables = sharding_lib.replicate(variables, mesh)
-  # Float32 running sums, one per stored statistic (replicated on a mesh).
-  sums = {p: jnp.zeros(jnp.shape(flat[p]), jnp.float32) for p in stored}
+  # Float32 running sums, one per stored statistic (replicated on a mesh), made on the host.
+  sums = jax.device_put({p: np.zeros(np.shape(flat[p]), np.float32) for p in stored})
   if mesh is not None:
     sums = sharding_lib.replicate(sums, mesh)
   total = 0
@@ -121,12 +122,14 @@ def _reset(spec, flat, stacked, data, progress, mesh) -> dict:
     total += size
   if mesh is not None:
     sums = sharding_lib.to_local(sums)
+  # The means on the host: small arrays, and no program to compile per shape.
+  sums = jax.device_get(sums)
   for path in stored:
-    value = sums[path] / total
-    if not bool(jnp.all(jnp.isfinite(value))):
+    value = sums[path] / np.float32(total)
+    if not np.isfinite(value).all():
       raise DataError(f"BatchNorm statistics {fmt_path(path)} are not finite after the reset; "
                       "check the calibration inputs and the model's parameters.")
-    value = value.astype(jnp.asarray(flat[path]).dtype)
+    value = jnp.asarray(value.astype(jnp.result_type(flat[path])))
     if mesh is not None and isinstance(flat[path], jax.Array) and flat[path].committed:
       value = jax.device_put(value, flat[path].sharding)  # where the caller put it
     flat[path] = value

@@ -1,10 +1,10 @@
 """Matchers: from one space's correlation matrix to a merge.
 
-A matcher is a pure function ``matcher(corr, num_models=N) -> Merge(M, U)``. ``corr`` is the
-(N*n, N*n) correlation of the N models' concatenated features, model by model. ``M`` (n, N*n)
-averages the members of each merged feature; ``U`` (N*n, n) copies a merged feature back to
-each of its members. Factories with keyword-only options build matchers, like optax's
-transformations::
+A matcher is a pure function ``matcher(corr, num_models=N) -> Merge``. ``corr`` is the
+(N*n, N*n) correlation of the N models' concatenated features, model by model. The merge
+(``zipjax._src.merge``) holds M (n, N*n), which averages the members of each merged feature,
+and U (N*n, n), which copies a merged feature back to each of its members. Factories with
+keyword-only options build matchers, like optax's transformations::
 
     matcher = zipjax.match.greedy(alpha=0.5, beta=0.5)
     merge = matcher(corr, num_models=2)
@@ -12,106 +12,51 @@ transformations::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, Protocol
 
 import numpy as np
 import scipy.optimize
 
-
-class Merge(NamedTuple):
-  """How one space is merged. M: (n, N*n), U: (N*n, n), both float32.
-
-  The merges that zipjax's matchers and :func:`merge_from_groups` build hold read-only M and
-  U and remember their groups, which spares applying them a scan of M and U.
-  """
-
-  M: np.ndarray
-  U: np.ndarray
-
-  @property
-  def num_models(self) -> int:
-    return self.M.shape[1] // self.M.shape[0]
-
-  def blocks(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """[M_1..M_N] (n x n each) and [U_1..U_N] (n x n each)."""
-    n = self.M.shape[0]
-    ms = [self.M[:, m * n:(m + 1) * n] for m in range(self.num_models)]
-    us = [self.U[m * n:(m + 1) * n, :] for m in range(self.num_models)]
-    return ms, us
-
-
-class _GroupMerge(Merge):
-  """A Merge built from groups: ``group[f]`` is feature f's merged feature; M and U are
-  read-only, so the two cannot disagree."""
-
-  group: np.ndarray
-
-  def __repr__(self) -> str:
-    return "Merge" + super().__repr__().removeprefix(type(self).__name__)
-
-
-def merge_groups(merge: Merge) -> np.ndarray | None:
-  """Each feature's merged feature, if ``merge`` was built from groups and still holds the
-  read-only arrays it was built with; else None."""
-  group = getattr(merge, "group", None)
-  if (group is None or not isinstance(merge.M, np.ndarray) or merge.M.flags.writeable
-      or not isinstance(merge.U, np.ndarray) or merge.U.flags.writeable):
-    return None
-  return group
+from zipjax._src.merge import GroupMerge
+from zipjax._src.merge import Merge
+from zipjax._src.merge import merge_from_groups
 
 
 class Matcher(Protocol):
+  """A per-space matcher: the (N*n, N*n) correlation of N models' features to a Merge."""
 
   def __call__(self, corr: np.ndarray, *, num_models: int) -> Merge:
     ...
 
 
-def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> Merge:
-  """The Merge whose merged feature g averages the features ``groups[g]``.
+@dataclasses.dataclass(frozen=True)
+class WholeModelMatcher:
+  """A matcher that reads every space's weights at once instead of one space's correlation
+  (Git Re-Basin's weight matching): ``matcher(spec, variables_list, spaces=...)`` returns
+  {space: Merge}. ``zip`` computes no feature statistics for it."""
 
-  The groups must split the features 0..dim-1: each feature in exactly one group.
-  """
-  n = len(groups)
-  sizes = np.fromiter(map(len, groups), np.int64, n)
-  if n and sizes.min() == 0:
-    raise ValueError(f"Group {int(np.argmin(sizes))} of {n} is empty; every merged feature "
-                     "needs at least one member.")
-  members = np.fromiter(itertools.chain.from_iterable(groups), np.int64, int(sizes.sum()))
-  if len(members) and (members.min() < 0 or members.max() >= dim):
-    bad = members[(members < 0) | (members >= dim)]
-    raise ValueError(f"Group members must be features 0..{dim - 1}; got {bad[:5].tolist()}.")
-  count = np.bincount(members, minlength=dim)
-  if (count != 1).any():
-    f = int(np.flatnonzero(count != 1)[0])
-    raise ValueError(f"The groups must split features 0..{dim - 1}, each in exactly one "
-                     f"group; feature {f} is in {count[f]}.")
-  group = np.empty(dim, np.int64)
-  group[members] = np.repeat(np.arange(n), sizes)
-  return _merge_from_labels(group, sizes)
+  fn: Callable[..., dict[str, Merge]]
+  name: str
+
+  def __call__(self, spec, variables_list, *, spaces) -> dict[str, Merge]:
+    return self.fn(spec, variables_list, spaces=spaces)
+
+  @property
+  def __name__(self) -> str:  # like the per-space matchers, which are functions
+    return self.name
+
+  def __repr__(self) -> str:
+    return self.name
 
 
-def _merge_from_roots(root: np.ndarray) -> Merge:
-  """The Merge of the groups of features with the same root (one of the group's features);
+def _merge_from_roots(root: np.ndarray, num_models: int) -> GroupMerge:
+  """The merge of the groups of features with the same root (one of the group's features);
   groups in the order of their roots."""
-  _, group, sizes = np.unique(root, return_inverse=True, return_counts=True)
-  return _merge_from_labels(group, sizes)
-
-
-def _merge_from_labels(group: np.ndarray, sizes: np.ndarray) -> Merge:
-  """The Merge that puts feature f in group ``group[f]``, of ``sizes[g]`` features."""
-  dim = len(group)
-  features = np.arange(dim)
-  M = np.zeros((len(sizes), dim), np.float32)
-  U = np.zeros((dim, len(sizes)), np.float32)
-  M[group, features] = 1.0 / sizes[group]
-  U[features, group] = 1.0
-  for a in (M, U, group):  # the callers' own fresh arrays
-    a.flags.writeable = False
-  merge = _GroupMerge(M, U)
-  merge.group = group
-  return merge
+  _, group = np.unique(root, return_inverse=True)
+  return GroupMerge(group.reshape(num_models, -1))
 
 
 def _check_corr(corr, num_models: int, dtype=np.float64) -> tuple[np.ndarray, int]:
@@ -523,7 +468,7 @@ def greedy(*, alpha: float = 0.5, beta: float = 0.5) -> Matcher:
 
   def matcher(corr, *, num_models: int) -> Merge:
     corr, _ = _check_corr(corr, num_models, np.float32)
-    return _merge_from_roots(_greedy_roots(corr, num_models, alpha, beta))
+    return _merge_from_roots(_greedy_roots(corr, num_models, alpha, beta), num_models)
 
   matcher.__name__ = f"greedy(alpha={alpha}, beta={beta})"
   return matcher

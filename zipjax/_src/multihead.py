@@ -61,7 +61,6 @@ class MultiHead:
 
 def ensemble(variables_list: Sequence[Any], spec: spec_lib.Spec) -> MultiHead:
   """The N source models side by side, as a MultiHead with no shared trunk."""
-  from zipjax._src import zipping  # pylint: disable=g-import-not-at-top
-  flats = zipping.check_models(spec, variables_list)
+  flats = spec_lib.check_models(spec, variables_list)
   stacked = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p in flats[0]}
   return MultiHead(spec_lib.unflatten(stacked), spec, frozenset(stacked))

@@ -39,8 +39,12 @@ _SOW_PREFIX = "space:"
 
 OUT = "out"  # the axis writes the space: merged with M
 IN = "in"  # the axis reads the space: merged with U
-VAR = "var"  # the axis holds variances of the space: merged with M * M
+VAR = "var"  # the axis holds a BatchNorm's running variances of the space (see BatchNormLayer)
 _ROLES = (OUT, IN, VAR)
+
+#: The epsilon with which BatchNorm layers are merged as affine maps (flax's default). A
+#: self-merge or a permuted copy comes back exactly whatever a layer's own epsilon is.
+BATCHNORM_EPSILON = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,8 @@ def conv(name: str | Sequence[str], in_space: str | None, out_space: str | None,
 
 
 def batchnorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
-  """``nn.BatchNorm`` on a space: scale/bias/mean get M, var gets M squared."""
+  """``nn.BatchNorm`` on a space: scale, bias, mean (role 'out') and var (role 'var'), merged
+  together as the layer's per-feature affine map (see :class:`BatchNormLayer`)."""
   p = _module_path(name)
   return {
       ("params",) + p + ("scale",): _axes((-1, OUT, space)),
@@ -150,6 +155,39 @@ def bypassing_leaf(leaf_spaces: Mapping[Any, Iterable[tuple[int, str]]],
     if bad:
       return leaf, bad
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormLayer:
+  """The four leaves of one BatchNorm layer on ``space``, merged as its affine map.
+
+  In inference mode the layer is y = a * x + c per feature, a = scale / sqrt(var + eps),
+  c = bias - a * mean. A zip merges (a, c, mean, var) with M and writes a* and c* back into
+  scale and bias, so the merged layer is the average of its members' maps. A spec finds a
+  layer wherever a leaf with role 'var' has siblings ``mean`` (same collection), ``scale`` and
+  ``bias`` (in ``params`` for linen's ``batch_stats``) that write the same space; a variance
+  without them is merged with M like any other leaf.
+  """
+
+  space: str
+  scale: Path
+  bias: Path
+  mean: Path
+  var: Path
+
+
+def _batchnorm_layers(leaves: Mapping[Path, LeafAxes]) -> tuple[BatchNormLayer, ...]:
+  layers = []
+  for path, axes in leaves.items():
+    if len(axes) != 1 or next(iter(axes.values())).role != VAR:
+      continue
+    space = next(iter(axes.values())).space
+    params = ("params",) + path[1:-1] if path[0] == "batch_stats" else path[:-1]
+    mean, scale, bias = path[:-1] + ("mean",), params + ("scale",), params + ("bias",)
+    if all(tuple((ax.space, ax.role) for ax in leaves.get(p, {}).values()) == ((space, OUT),)
+           for p in (mean, scale, bias)):
+      layers.append(BatchNormLayer(space, scale, bias, mean, path))
+  return tuple(layers)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -226,6 +264,14 @@ class Spec:
   @property
   def space_names(self) -> tuple[str, ...]:
     return tuple(s.name for s in self.spaces)
+
+  @functools.cached_property
+  def _batchnorms(self) -> tuple[BatchNormLayer, ...]:
+    return _batchnorm_layers(self.leaves)
+
+  def batchnorm_layers(self, trunk: Iterable[str] | None = None) -> tuple[BatchNormLayer, ...]:
+    """The BatchNorm layers merged as affine maps: all, or those on the spaces ``trunk``."""
+    return tuple(bn for bn in self._batchnorms if trunk is None or bn.space in trunk)
 
   def width(self, space: str) -> int:
     for s in self.spaces:
@@ -430,6 +476,22 @@ def check_finite(flat: Mapping[Path, Any], *, label: str) -> None:
   if bad:
     raise MismatchError(f"{label} has non-finite values in {bad[:12]}; zipping them would "
                         "spread NaN through the merged model. Fix the checkpoint first.")
+
+
+def check_models(spec: Spec, variables_list: Sequence[Any], *,
+                 finite: bool = True) -> list[dict]:
+  """Checks N models against the spec and each other; returns their flat variables."""
+  if isinstance(variables_list, Mapping) or len(variables_list) < 2:
+    raise ValueError("Zipping needs a sequence of at least 2 models' variables, got "
+                     f"{type(variables_list).__name__} of length "
+                     f"{len(variables_list) if not isinstance(variables_list, Mapping) else 1}.")
+  flats = check_same_structure(variables_list)
+  # The models have the same leaves and shapes, so model 0 stands for all of them.
+  validate_flat(spec, flats[0], label="model 0")
+  if finite:
+    for m, flat in enumerate(flats):
+      check_finite(flat, label=f"Model {m}")
+  return flats
 
 
 # ----------------------------------------------------------------------------------------------

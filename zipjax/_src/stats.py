@@ -20,6 +20,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from zipjax._src import data as data_lib
@@ -47,8 +48,9 @@ class FeatureStats(NamedTuple):
 
 
 def init_stats(dim: int) -> FeatureStats:
-  return FeatureStats(jnp.zeros((), jnp.int32), jnp.zeros((dim,), jnp.float32),
-                      jnp.zeros((dim, dim), jnp.float32))
+  """Empty statistics of ``dim`` channels (made on the host: no program is compiled)."""
+  return FeatureStats(*jax.device_put((np.zeros((), np.int32), np.zeros((dim,), np.float32),
+                                       np.zeros((dim, dim), np.float32))))
 
 
 def _merge(stats: FeatureStats, b: int, b_mean: jax.Array, b_m2: jax.Array) -> FeatureStats:
@@ -177,6 +179,12 @@ def _stats_step(spec, names, out_sharding, stats, models, x):
   return new
 
 
+@jax.jit
+def _finite(stats: dict[str, FeatureStats]) -> dict[str, jax.Array]:
+  """{space: whether its statistics are finite}, in one program."""
+  return {n: jnp.isfinite(jnp.sum(s.m2) + jnp.sum(s.mean)) for n, s in stats.items()}
+
+
 def _microbatches(x: Any, size: int | None) -> list[Any]:
   """``x`` cut along its batch axis into parts of at most ``size`` examples (whole if it
   is already placed across processes: every host then cuts its own shard alike)."""
@@ -294,8 +302,7 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
         stats = _stats_step(spec, names, out_sharding, stats, models, part)
   if mesh is not None:
     stats = sharding_lib.to_local(stats)
-  bad = [n for n, s in stats.items()
-         if not bool(jnp.all(jnp.isfinite(s.m2)) & jnp.all(jnp.isfinite(s.mean)))]
+  bad = [n for n, ok in jax.device_get(_finite(stats)).items() if not ok]
   if bad:
     raise DataError(f"Features of spaces {bad} are not finite (NaN or inf) on the calibration "
                     "data; check the inputs and the models' parameters.")

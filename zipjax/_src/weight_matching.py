@@ -17,7 +17,8 @@ from zipjax._src import match as match_lib
 from zipjax._src import spec as spec_lib
 
 
-def weight_matching(*, max_iterations: int = 100, seed: int = 0):
+def weight_matching(*, max_iterations: int = 100,
+                    seed: int = 0) -> match_lib.WholeModelMatcher:
   """A whole-model matcher: permutes model B's spaces onto model A's by weight similarity.
 
   Used as ``zipjax.zip(va, vb, spec, data=..., matcher=zipjax.match.weight_matching())``;
@@ -66,6 +67,4 @@ def weight_matching(*, max_iterations: int = 100, seed: int = 0):
                                             for j, p in enumerate(perms[s])], 2 * spec.width(s))
             for s in spaces}
 
-  matcher.whole_model = True
-  matcher.__name__ = "weight_matching()"
-  return matcher
+  return match_lib.WholeModelMatcher(matcher, "weight_matching()")
