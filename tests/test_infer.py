@@ -119,7 +119,8 @@ def test_zoo_features_are_the_declared_captures(name):
 # the declared ones above, for every zoo model) and of the BatchNorm interceptor (the same for
 # both), so two more zips add no coverage, only compile time: ResNet-50's (about 20 s on a
 # 2-core CPU) are left out to keep this file fast.
-@pytest.mark.parametrize("name", ["mlp", "vgg11", "resnet20"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("vgg11", marks=pytest.mark.slow),
+                                  "resnet20"])
 def test_zoo_zip_with_inferred_spec_equals_declared(name):
   model, declared, x, va, vb = _zoo(name)
   inferred = zipjax.infer_linen_spec(model, va, x)

@@ -15,7 +15,8 @@ def _rel_diff(a, b):
 
 
 # ResNet-50 is covered by the full-zip tests; its partial zips cost minutes of compilation.
-@pytest.fixture(scope="module", params=["mlp", "vgg11", "resnet20"])
+@pytest.fixture(scope="module", params=["mlp", pytest.param("vgg11", marks=pytest.mark.slow),
+                                        "resnet20"])
 def case(request):
   spec, (va, vb), data = zoo.make(request.param)
   return (spec, zipjax.reset_batchnorm(spec, va, data), zipjax.reset_batchnorm(spec, vb, data),
@@ -85,7 +86,7 @@ def test_trunk_is_computed_once():
   assert previous == pytest.approx(one, rel=0.02)  # only the linear heads are doubled
 
 
-@pytest.mark.parametrize("num_models", [3, 4])
+@pytest.mark.parametrize("num_models", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_n_way_self_merge_reproduces_model(num_models):
   spec, (v, _), data = zoo.make("resnet20")
   v = zipjax.reset_batchnorm(spec, v, data)

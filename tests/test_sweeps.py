@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the sweeps train models; the runner tests cover a real merge
+
 from experiments import configs
 from experiments import run as run_lib
 from experiments import sweeps

@@ -112,7 +112,7 @@ def kernel_call(spec: zipjax.Spec, variables: list, merges: Mapping[str, match.M
     from zipjax._src import spec as spec_lib  # pylint: disable=g-import-not-at-top
     flats = tuple(spec_lib.flatten(v) for v in variables)
     merges = jax.device_put(dict(merges))
-    call = lambda: apply_lib.merge_program(spec, None, kernel, flats, merges)
+    call = lambda: apply_lib.merge_flats(spec, None, flats, merges, kernel)
     jax.block_until_ready(call())
     return call, ""
   except Exception as e:  # pylint: disable=broad-except
@@ -183,7 +183,7 @@ def _rows(result: Mapping[str, Any], s: Settings) -> list[common.Row]:
       key = f"{kind}: {k}"
       if key in timing:
         rows.append(common.Row(NAME, f"{label}: program only, {k}", timing[key]["median"],
-                               BASELINE, base, notes="merge_program", data=data))
+                               BASELINE, base, notes="merge_flats", data=data))
       else:
         rows.append(common.Row(NAME, f"{label}: program only, {k}", None, BASELINE, base,
                                notes=result["why_no_kernel"][key], data=data))

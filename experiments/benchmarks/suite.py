@@ -25,6 +25,7 @@ from typing import Sequence
 from experiments.benchmarks import apply_merges
 from experiments.benchmarks import batchnorm
 from experiments.benchmarks import common
+from experiments.benchmarks import first_zip
 from experiments.benchmarks import greedy
 from experiments.benchmarks import stats
 from experiments.benchmarks import zip_memory
@@ -32,7 +33,8 @@ from experiments.benchmarks import zip_stages
 
 #: Every benchmark, in the order the suite runs them.
 BENCHMARKS: dict[str, ModuleType] = {
-    m.NAME: m for m in (greedy, stats, apply_merges, batchnorm, zip_stages, zip_memory)
+    m.NAME: m for m in (greedy, stats, apply_merges, batchnorm, zip_stages, zip_memory,
+                        first_zip)
 }
 
 COLUMNS = ("Benchmark", "Case", "Time", "Baseline", "Baseline time", "Ratio", "Target", "Met",

@@ -21,6 +21,7 @@ self-merge and a permuted copy are reproduced exactly, before any BatchNorm rese
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Any, Mapping, Sequence
@@ -111,9 +112,10 @@ def _merge_leaf(xs: Sequence[jax.Array], axes: Mapping[int, spec_lib.Axis],
   return y / len(xs) if ax.role == spec_lib.IN else y
 
 
-def _merge_batchnorm(bn: spec_lib.BatchNormLayer, xs: Sequence[Mapping], axis: int,
-                     merge: Merge, kernel: str) -> dict:
-  """A BatchNorm layer's four leaves merged as the mean of its members' affine maps.
+def _merge_batchnorm(xs: Sequence[Sequence[jax.Array]], axis: int, merge: Merge,
+                     kernel: str) -> tuple[jax.Array, ...]:
+  """A BatchNorm layer's leaves (scale, bias, mean, var of each model, ``xs[m]``) merged as
+  the mean of its members' affine maps.
 
   In inference mode the layer is y = a * x + c per feature, a = scale / sqrt(var + eps),
   c = bias - a * mean. Merged: a* = sum_m M_m a_m and c* likewise, mean* and var* the means of
@@ -125,51 +127,98 @@ def _merge_batchnorm(bn: spec_lib.BatchNormLayer, xs: Sequence[Mapping], axis: i
   enters real merges, through var + eps; flax's default is used for every layer.
   """
   eps = spec_lib.BATCHNORM_EPSILON
-  out = {axis: spec_lib.Axis(bn.space, spec_lib.OUT)}
-  mean = _merge_leaf([x[bn.mean] for x in xs], out, {bn.space: merge}, kernel)
-  var = _merge_leaf([x[bn.var] for x in xs], out, {bn.space: merge}, kernel)
+  out = {axis: spec_lib.Axis("bn", spec_lib.OUT)}
+  merges = {"bn": merge}
+  mean = _merge_leaf([x[2] for x in xs], out, merges, kernel)
+  var = _merge_leaf([x[3] for x in xs], out, merges, kernel)
   scales, biases = [], []
-  for m, x in enumerate(xs):
-    a = x[bn.scale] * lax.rsqrt(x[bn.var] + eps)
+  for m, (scale, bias, mean_m, var_m) in enumerate(xs):
+    a = scale * lax.rsqrt(var_m + eps)
     if isinstance(merge, DenseMerge):
       scales.append(a)
-      biases.append(x[bn.bias] - a * x[bn.mean])
+      biases.append(bias - a * mean_m)
     else:
       ids = merge.groups[m]
-      scales.append(x[bn.scale] * jnp.sqrt((jnp.take(var, ids, axis) + eps) / (x[bn.var] + eps)))
-      biases.append(x[bn.bias] + a * (jnp.take(mean, ids, axis) - x[bn.mean]))
-  scale = _merge_leaf(scales, out, {bn.space: merge}, kernel)
-  bias = _merge_leaf(biases, out, {bn.space: merge}, kernel)
+      scales.append(scale * jnp.sqrt((jnp.take(var, ids, axis) + eps) / (var_m + eps)))
+      biases.append(bias + a * (jnp.take(mean, ids, axis) - mean_m))
+  scale = _merge_leaf(scales, out, merges, kernel)
+  bias = _merge_leaf(biases, out, merges, kernel)
   if isinstance(merge, DenseMerge):
     scale, bias = scale * jnp.sqrt(var + eps), bias + scale * mean
-  return {bn.scale: scale, bn.bias: bias, bn.mean: mean, bn.var: var}
+  return scale, bias, mean, var
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def merge_program(spec: spec_lib.Spec, trunk: frozenset | None, kernel: str,
-                  flats: Sequence[Mapping], merges: Mapping[str, Merge]) -> tuple[dict, jax.Array]:
-  """Zips the trunk leaves (all leaves if ``trunk`` is None); head leaves stay per model,
-  stacked on a leading axis, with their axes that read a trunk space mapped by U_m. Also
-  returns whether the result is finite: every value of every model reaches it with a nonzero
-  weight (or times 0, and 0 * NaN is NaN), so one sum over the result checks the models."""
-  xs = [{p: x.astype(jnp.float32) for p, x in f.items()} for f in flats]
-  out = {}
+def _units(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Mapping],
+           merges: Mapping[str, Merge]) -> dict[tuple, list[tuple[tuple, tuple]]]:
+  """The leaves to merge as units (a leaf, or a BatchNorm layer's four leaves), grouped by
+  signature (kind, shape, dtype, roles, widths, merge types): {signature: [(the unit's leaf
+  paths, the spaces of its merged axes)]}. Kinds: "batchnorm", "leaf" (a trunk leaf: all
+  leaves in a full zip) and "head" (a leaf past a partial zip's stop, kept per model)."""
+  units: dict[tuple, list] = collections.defaultdict(list)
+  done = set()
   for bn in spec.batchnorm_layers(trunk):
-    axis = next(iter(spec.leaf_axes(bn.var, flats[0][bn.var].ndim)))
-    out.update(_merge_batchnorm(bn, xs, axis, merges[bn.space], kernel))
+    leaf = flats[0][bn.var]
+    axis = next(iter(spec.leaf_axes(bn.var, leaf.ndim)))
+    paths = (bn.scale, bn.bias, bn.mean, bn.var)
+    done.update(paths)
+    units[("batchnorm", leaf.shape, leaf.dtype, axis, type(merges[bn.space]))].append(
+        (paths, (bn.space,)))
   for path, leaf in flats[0].items():
-    if path in out:
+    if path in done:
       continue
-    axes = spec.leaf_axes(path, leaf.ndim)
-    leaves = [x[path] for x in xs]
-    if trunk is None or spec.is_trunk_leaf(path, trunk):
-      out[path] = _merge_leaf(leaves, axes, merges, kernel)
-    else:
-      reads = {a: ax for a, ax in axes.items() if ax.role == spec_lib.IN and ax.space in trunk}
-      out[path] = jnp.stack([_merge_leaf([x], reads, merges, kernel, [m]) if reads else x
-                             for m, x in enumerate(leaves)])
-  total = sum(jnp.sum(v) for p, v in out.items() if jnp.issubdtype(flats[0][p].dtype, jnp.inexact))
-  return {p: v.astype(flats[0][p].dtype) for p, v in out.items()}, jnp.isfinite(total)
+    axes = sorted(spec.leaf_axes(path, leaf.ndim).items())
+    kind = "leaf" if trunk is None or spec.is_trunk_leaf(path, trunk) else "head"
+    if kind == "head":
+      axes = [(a, ax) for a, ax in axes if ax.role == spec_lib.IN and ax.space in trunk]
+    key = tuple((a, ax.role, type(merges[ax.space]), spec.width(ax.space)) for a, ax in axes)
+    units[(kind, leaf.shape, leaf.dtype, key)].append(((path,), tuple(ax.space for _, ax in axes)))
+  return units
+
+
+def _merge_unit(signature: tuple, xs: Sequence[Sequence[jax.Array]], ms: Sequence[Merge],
+                kernel: str) -> tuple[jax.Array, ...]:
+  """One unit of ``signature`` merged: ``xs[m]``, model m's leaves of the unit; ``ms``, the
+  merges of its axes (of its layer, for a BatchNorm layer)."""
+  if signature[0] == "batchnorm":
+    return _merge_batchnorm(xs, signature[3], ms[0], kernel)
+  axes = {a: spec_lib.Axis(str(i), role) for i, (a, role, _, _) in enumerate(signature[3])}
+  merges = {str(i): m for i, m in enumerate(ms)}
+  if signature[0] == "leaf":
+    return (_merge_leaf([x[0] for x in xs], axes, merges, kernel),)
+  return (jnp.stack([_merge_leaf([x[0]], axes, merges, kernel, [m]) if axes else x[0]
+                     for m, x in enumerate(xs)]),)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def merge_program(signature: tuple, kernel: str, units: Sequence, merges: Sequence
+                  ) -> tuple[list[list[jax.Array]], jax.Array]:
+  """Merges the units of one signature: ``units[i][m]``, model m's leaves of unit i;
+  ``merges[i]``, the merges of unit i's axes. The units are stacked and merged by one
+  vmapped body, so a model compiles one program per kind of layer it has (ResNet-50: 28 for
+  267 leaves), each reused by every model with layers of that kind. Also returns whether the
+  result is finite: every value of every model reaches it with a nonzero weight (or times 0,
+  and 0 * NaN is NaN), so one sum over the result checks the inputs."""
+  xs = jax.tree_util.tree_map(lambda *a: jnp.stack(a).astype(jnp.float32), *units)
+  ms = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *merges)
+  merged = jax.vmap(functools.partial(_merge_unit, signature, kernel=kernel))(xs, ms)
+  total = sum(jnp.sum(y) for y in merged)
+  return ([[y[i].astype(signature[2]) for y in merged] for i in range(len(units))],
+          jnp.isfinite(total))
+
+
+def merge_flats(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Mapping],
+                merges: Mapping[str, Merge], kernel: str) -> tuple[dict, list[jax.Array]]:
+  """The merged leaves {path: array} of the models' flat variables, and each program's flag
+  that its result is finite (see :func:`merge_program`)."""
+  leaves, finite = {}, []
+  for signature, units in _units(spec, trunk, flats, merges).items():
+    merged, ok = merge_program(signature, kernel, [[[f[p] for p in paths] for f in flats]
+                                                   for paths, _ in units],
+                               [[merges[s] for s in spaces] for _, spaces in units])
+    finite.append(ok)
+    for (paths, _), ys in zip(units, merged):
+      leaves.update(zip(paths, ys))
+  return leaves, finite
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -221,9 +270,8 @@ def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
           f"{merge.width}; the models are {len(flats)} of width {width} (M must be "
           f"{(width, len(flats) * width)}, U {(len(flats) * width, width)}).")
   trunk = None if stop_at is None else frozenset(needed)
-  leaves, finite = merge_program(spec, trunk, resolve_kernel(kernel), tuple(flats),
-                                 {name: merges[name] for name in needed})
-  if not bool(finite):
+  leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel))
+  if not all(jax.device_get(finite)):
     for m, flat in enumerate(flats):  # the exact check, only on this rare path
       spec_lib.check_finite(flat, label=f"Model {m}")
   zipped = spec_lib.unflatten({p: leaves[p] for p in flats[0]})

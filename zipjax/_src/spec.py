@@ -2,7 +2,8 @@
 
 A spec says, for every leaf of a variables tree (``params`` and ``batch_stats``), which axes
 *write* a feature space (they get the merge matrix M), which *read* one (they get the unmerge
-matrix U), which hold a variance of one (they get M squared), and which are untouched. It also
+matrix U), which hold a BatchNorm's running variance (merged with the layer's affine map, see
+:class:`BatchNormLayer`), and which are untouched. It also
 knows how to run the model: its plain forward pass, the capture of each space's features, and
 the batch statistics of its BatchNorm layers.
 
