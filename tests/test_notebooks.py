@@ -48,9 +48,8 @@ def test_notebook_is_committed_clean(path):
   assert "ZIPJAX_NOTEBOOK_SMALL" in "".join(c.source for c in nb.cells)
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=() if p.stem == "quickstart" else pytest.mark.slow) for p in NOTEBOOKS
-], ids=lambda p: p.stem)
+@pytest.mark.slow  # 25-65 s each; the runner's own tests cover what quickstart runs
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_small(path, tmp_path, monkeypatch, kernel_dir):
   monkeypatch.setenv("ZIPJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("JUPYTER_PATH", kernel_dir)

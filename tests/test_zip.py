@@ -328,12 +328,23 @@ def test_zip_of_another_pair_compiles_no_new_program(stop_at):
   # on the weights or the merges: a zip of other models, with another matcher, compiles
   # nothing once one zip ran.
   spec, variables, data = zoo.make("resnet20", num_models=4)
+  jax.clear_caches()  # other tests compiled these programs: start from none
   first = _compiles_during(lambda: zipjax.zip(variables[0], variables[1], spec, data=data,
                                               stop_at=stop_at))
   again = _compiles_during(lambda: zipjax.zip(variables[2], variables[3], spec, data=data,
                                               stop_at=stop_at,
                                               matcher=match.greedy(alpha=0.3, beta=0.125)))
   assert first > 0 and again == 0, (first, again)
+
+
+def test_zoo_factories_give_the_same_spec_for_the_same_arguments():
+  # Specs hash by identity and the passes are compiled per spec: a second call of a factory
+  # in a notebook must find them compiled.
+  for factory, args in ((models.resnet20, (0.25,)), (models.resnet50, (0.0625,)),
+                        (models.vgg11, (0.125,)), (models.mlp, ([8, 8],))):
+    assert factory(*args)[1] is factory(*args)[1]
+  assert models.mlp([8, 8])[1] is models.mlp((8, 8))[1]
+  assert models.resnet20(0.25)[1] is not models.resnet20(0.5)[1]
 
 
 # ----------------------------------------------------------------------------------------------

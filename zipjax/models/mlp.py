@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -27,8 +28,15 @@ class MLP(nn.Module):
 
 
 def mlp(widths: Sequence[int] = (128, 128), num_outputs: int = 10) -> tuple[MLP, S.Spec]:
-  """An MLP and its spec: one space per hidden layer, each a valid stop point."""
-  module = MLP(widths=tuple(widths), num_outputs=num_outputs)
+  """An MLP and its spec: one space per hidden layer, each a valid stop point.
+
+  Cached: the same arguments give the same (module, spec) objects (see ``resnet20``)."""
+  return _mlp(tuple(int(w) for w in widths), num_outputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _mlp(widths: tuple[int, ...], num_outputs: int) -> tuple[MLP, S.Spec]:
+  module = MLP(widths=widths, num_outputs=num_outputs)
   names = [f"hidden{i}" for i in range(len(widths))]
   leaves = {}
   prev = None

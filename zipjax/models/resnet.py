@@ -62,8 +62,12 @@ def _resnet20_widths(width: float) -> list[int]:
   return [max(1, int(round(c * width))) for c in (16, 32, 64)]
 
 
+@functools.lru_cache(maxsize=None)
 def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spec]:
-  """CIFAR ResNet-20 with 16w/32w/64w channels; stop points are the ends of the 3 stages."""
+  """CIFAR ResNet-20 with 16w/32w/64w channels; stop points are the ends of the 3 stages.
+
+  Cached: the same arguments give the same (module, spec) objects, so the programs zipjax
+  compiled for one call serve the next (a spec is hashed by identity)."""
   module = ResNet20(width=width, num_outputs=num_outputs)
   widths = _resnet20_widths(width)
   spaces, leaves = [], {}
@@ -143,8 +147,12 @@ class ResNet50(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(x.mean(axis=(1, 2)))
 
 
+@functools.lru_cache(maxsize=None)
 def resnet50(width: float = 1.0, num_outputs: int = 1000) -> tuple[ResNet50, S.Spec]:
-  """ImageNet ResNet-50 (v1.5) with a channel multiplier; stop points: stem, stage1..4."""
+  """ImageNet ResNet-50 (v1.5) with a channel multiplier; stop points: stem, stage1..4.
+
+  Cached: the same arguments give the same (module, spec) objects, so the programs zipjax
+  compiled for one call serve the next (a spec is hashed by identity)."""
   module = ResNet50(width=width, num_outputs=num_outputs)
   planes = _resnet50_planes(width)
   spaces = [S.Space("stem", planes[0])]

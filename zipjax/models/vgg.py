@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -43,6 +44,7 @@ class VGG(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
+@functools.lru_cache(maxsize=None)  # the same objects for the same arguments (see resnet20)
 def _vgg(name: str, width: float, num_outputs: int) -> tuple[VGG, S.Spec]:
   config = _CONFIGS[name]
   module = VGG(config=config, width=width, num_outputs=num_outputs)
