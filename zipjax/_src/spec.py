@@ -386,8 +386,7 @@ def flatten(variables: Variables) -> dict[Path, Any]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _path_names(path: tuple) -> Path:
-  """The str keys of a jax.tree_util key path (cached: flattening two ResNet-50s named
-  2,100 keys a call)."""
+  """The str keys of a jax.tree_util key path (cached: every zip flattens the same paths)."""
   return tuple(key_name(k) for k in path)
 
 

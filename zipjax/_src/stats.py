@@ -82,9 +82,7 @@ def correlation(stats: FeatureStats) -> jax.Array:
   identical to on the data (dead ones with the same value) and 0 with every other. The result
   never holds NaN.
 
-  Jitted: one fused program per width. Op by op, every call made some 20 passes over the
-  matrix, and the first compiled each op per width: for a ResNet-50's 53 spaces on the CPU,
-  6.6 s for the first call and 1.0 s for the next, against 0.8 s and 0.07 s jitted.
+  Jitted: one fused program per width.
   """
   cov = stats.covariance
   var = jnp.diagonal(cov)
@@ -116,9 +114,7 @@ def _update_space(stats: FeatureStats, spec: spec_lib.Spec, name: str,
     below the CPU's matmul rate, so the FLOPs saved decide.
   - wider spaces: one product of the features concatenated model by model (the centring
     fuses into that copy); there, one large product ran faster than the three smaller ones.
-  Measured for two ResNet-20s on the 2-core CPU (statistics over forward passes): 1.31 /
-  1.08 / 1.1-1.16 at width 1 / 2 / 4, against 1.42 / 1.25 / 1.1 with one product everywhere
-  and 1.33 / 1.04 / 1.27 with blocks everywhere.
+  (The measurements that set the threshold are in docs/design.md, statistics.)
   """
   width = spec.width(name)
   parts = []  # per capture point, per model: (samples, width)
@@ -264,10 +260,8 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
       memory exceeds what the allocator keeps for reuse (32 MiB with glibc) gets fresh pages
       from the kernel on every call. "auto" (the default): whole batches on accelerators; on
       the CPU, parts whose float32 features take at most 32 MiB a device (a power of two of
-      examples, see :func:`auto_microbatch`). Two ResNet-20s of width 1 / 2 / 4 over batches
-      of 128 images took 1.29 / 1.06 / 1.13x the plain forward passes in whole batches, and
-      1.04 / 0.89 / 1.01x in parts of 16 / 8 / 4, the sizes "auto" takes. Batches already
-      placed across processes are taken whole.
+      examples, see :func:`auto_microbatch`). Batches already placed across processes are
+      taken whole.
 
   Returns {space: FeatureStats} over the N * width concatenated channels, as arrays on one
   device. Raises DataError if the data is empty or one-shot, or if any space's features are

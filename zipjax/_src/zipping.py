@@ -55,7 +55,7 @@ def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterab
     microbatch: the feature statistics take every batch in parts of at most this many
       examples; None takes whole batches, "auto" (the default) whole batches on accelerators
       and, on the CPU, parts whose features fit in 32 MiB a device (see
-      :func:`zipjax.compute_stats`: for two ResNet-20s, 10-20 % faster). The BatchNorm reset
+      :func:`zipjax.compute_stats`). The BatchNorm reset
       always takes whole batches: its result depends on the batches.
 
   Returns:
