@@ -124,7 +124,7 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
   merged model, so that all rows are measured alike. ``task_columns``: see
   :func:`zipjax.metrics.accuracy`.
   """
-  sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
+  sources = [zipjax.reset_batchnorm(v, spec, calibration) for v in sources]
   probe = next(iter(test))[0]
   gflops: dict[tuple, float] = {}  # one cost analysis per model shape, not per method
   rows = []
@@ -295,7 +295,7 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
   call). Per-space matchers see the same correlations ``zipjax.zip_many`` gives them, so a
   variant's accuracy equals :func:`evaluate_methods`' for the same matcher and stop point.
   """
-  sources = [zipjax.reset_batchnorm(spec, v, calibration) for v in sources]
+  sources = [zipjax.reset_batchnorm(v, spec, calibration) for v in sources]
   num = len(sources)
 
   def spaces_of(stop):
@@ -306,7 +306,7 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
                    if not isinstance(v.matcher, zipjax.match.WholeModelMatcher))]
   corr = {}
   if needed:
-    stats = zipjax.compute_stats(spec, sources, calibration, spaces=needed)
+    stats = zipjax.compute_stats(sources, spec, calibration, spaces=needed)
     corr = {name: np.asarray(zipjax.correlation(s)) for name, s in stats.items()}
   probe = next(iter(test))[0]
   gflops: dict[tuple, float] = {}
@@ -323,8 +323,8 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
     else:
       merges = {s: v.matcher(corr[s], num_models=num) for s in spaces}
     seconds = time.perf_counter() - start
-    model = zipjax.apply_merges(spec, sources, merges, stop_at=v.stop_at)
-    model = zipjax.reset_batchnorm(spec, model, calibration)
+    model = zipjax.apply_merges(sources, spec, merges, stop_at=v.stop_at)
+    model = zipjax.reset_batchnorm(model, spec, calibration)
     acc, flops = _score(model, spec, test, tasks, class_embeddings, logit_scale, probe, gflops)
     out.append((v, Row(v.method, pair, acc.joint, acc.per_task, flops, seconds)))
   return out

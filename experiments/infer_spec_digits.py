@@ -66,7 +66,7 @@ def run(*, epochs: int = 40, seed: int = 0, progress: bool = False) -> dict[str,
         progress=progress, desc=f"model {'AB'[m]}"))
   calib = data_lib.calibration_batches(train_ds, num_images=512, batch_size=128, seed=seed)
   spec = zipjax.infer_linen_spec(model, variables[0], calib[0])
-  zipjax.check_spec(spec, variables[0], calib[0])
+  zipjax.check_spec(variables[0], spec, calib[0])
 
   eval_batches = data_lib.EvalBatches(test_ds, 256)
   x_test = np.concatenate([x for x, _ in eval_batches])

@@ -46,12 +46,12 @@ def measure(device_counts: Sequence[int], *, width: float = 1.0, image_size: int
   rows, ref = [], None
   for count in device_counts:
     mesh = Mesh(np.asarray(devices[:count]), ("data",))
-    stats = zipjax.compute_stats(spec, variables, data, mesh=mesh)  # compiles
+    stats = zipjax.compute_stats(variables, spec, data, mesh=mesh)  # compiles
     jax.block_until_ready(stats)
     best = float("inf")
     for _ in range(repeats):
       start = time.perf_counter()
-      jax.block_until_ready(zipjax.compute_stats(spec, variables, data, mesh=mesh))
+      jax.block_until_ready(zipjax.compute_stats(variables, spec, data, mesh=mesh))
       best = min(best, time.perf_counter() - start)
     ref = ref or stats
     diff = max(float(np.max(np.abs(np.asarray(stats[n].m2) - np.asarray(ref[n].m2)))

@@ -100,7 +100,7 @@ def test_weight_matching_refuses_more_than_two_models():
                          ids=lambda m: m.__name__)
 def test_baselines_self_merge(matcher):
   spec, (v, _), data = zoo.make("resnet20")
-  v = zipjax.reset_batchnorm(spec, v, data)
+  v = zipjax.reset_batchnorm(v, spec, data)
   merged = zipjax.zip(v, v, spec, data=data, matcher=matcher)
   ref = spec.apply(v, data[0])
   assert float(jnp.max(jnp.abs(spec.apply(merged, data[0]) - ref))) <= 1e-4 * float(

@@ -203,7 +203,7 @@ def test_residual_mlp_plain_function():
   params = _init_res_mlp(0)
   x = _normal(1, (5, 6))
   spec = zipjax.infer_spec(res_mlp, params, x)
-  zipjax.check_spec(spec, params, x)
+  zipjax.check_spec(params, spec, x)
   assert spec.name == "res_mlp"
   assert spec.space_names == ("block0/fc1", "block1/fc1", "inp")  # the stream ends last
   assert spec.stop_points == ("inp",)
@@ -237,7 +237,7 @@ def test_residual_mlp_linen_module():
   x = _normal(1, (5, 6))
   variables = _init(model, x, 0)
   spec = zipjax.infer_linen_spec(model, variables, x)
-  zipjax.check_spec(spec, variables, x)
+  zipjax.check_spec(variables, spec, x)
   assert len(spec.spaces) == 3 and spec.stop_points == ("inp",)
   assert spec.leaves[("params", "ln0", "scale")] == {0: zipjax.spec.Axis("inp", "out")}
 
@@ -263,17 +263,26 @@ def test_cnn_with_concatenated_branches():
   x = _normal(1, (2, 8, 8, 3))
   variables = _init(model, x, 0)
   spec = zipjax.infer_linen_spec(model, variables, x)
-  zipjax.check_spec(spec, variables, x)
-  assert spec.space_names == ("stem", "mix", "conv")
-  # The concatenated branches stay unmerged: they only read the merged stem.
-  for branch in ("branch_a", "branch_b"):
-    assert spec.leaves[("params", branch, "kernel")] == {2: zipjax.spec.Axis("stem", "in")}
-    assert spec.leaves[("params", branch, "bias")] == {}
-  assert spec.leaves[("params", "mix", "kernel")] == {3: zipjax.spec.Axis("mix", "out")}
+  zipjax.check_spec(variables, spec, x)
+  assert spec.space_names == ("stem", "branch_a", "branch_b", "concat(branch_a,branch_b)",
+                               "mix", "conv")
+  # Each branch is a space; their concatenation is a space made of the two, read by `mix`.
+  cat = spec.space("concat(branch_a,branch_b)")
+  assert cat.parts == (("branch_a", 1), ("branch_b", 1)) and cat.width == 10
+  assert spec.leaves[("params", "branch_a", "kernel")] == {
+      2: zipjax.spec.Axis("stem", "in"), 3: zipjax.spec.Axis("branch_a", "out")}
+  assert spec.leaves[("params", "mix", "kernel")] == {
+      2: zipjax.spec.Axis("concat(branch_a,branch_b)", "in"), 3: zipjax.spec.Axis("mix", "out")}
   # The depthwise conv stays in the stem's space, its kernel's channel axis written with M.
   assert spec.leaves[("params", "depthwise", "kernel")] == {3: zipjax.spec.Axis("stem", "out")}
-  # The unmerged branches would sit inside the trunk of a partial zip past the stem.
-  assert spec.stop_points == ("stem",)
+  assert spec.stop_points == ("stem", "mix", "conv")
+  assert not spec.unmerged
+  # A copy with every space permuted is recovered exactly.
+  vp = zipjax.permute_spaces(variables, spec, jax.random.key(2))
+  back = zipjax.zip(variables, vp, spec, data=[x], matcher=zipjax.match.permute(),
+                    reset_bn=False)
+  np.testing.assert_allclose(model.apply(back, x), model.apply(variables, x), rtol=1e-5,
+                             atol=1e-6)
 
 
 class ScanBlock(nn.Module):
@@ -302,7 +311,7 @@ def test_scan_and_remat():
   x = _normal(1, (5, 7))
   va = _init(model, x, 0)
   spec = zipjax.infer_linen_spec(model, va, x)
-  zipjax.check_spec(spec, va, x)
+  zipjax.check_spec(va, spec, x)
   assert spec.space_names == ("blocks/fc1", "inp", "remat")
   # Stacked leaves: the layer axis is untouched, the others shared by all layers.
   assert spec.leaves[("params", "blocks", "fc1", "kernel")] == {
@@ -339,7 +348,7 @@ def test_plain_function_batchnorm_variance_role():
   }
   x = _normal(1, (2, 6, 6, 2))
   spec = zipjax.infer_spec(bn_cnn, variables, x)
-  zipjax.check_spec(spec, variables, x)
+  zipjax.check_spec(variables, spec, x)
   assert spec.batchnorm_stats(variables, x) == {}
   (name,) = spec.space_names
   assert _roles(spec, variables, name) == {
@@ -361,7 +370,7 @@ def test_slices_and_tied_weights_stay_unmerged():
        "tied": _normal(13, (4, 7))}
   x = _normal(1, (3, 4))
   spec = zipjax.infer_spec(model, p, x)
-  zipjax.check_spec(spec, p, x)
+  zipjax.check_spec(p, spec, x)
   assert spec.space_names == ("w1",)
   assert spec.leaves[("w2",)] == {0: zipjax.spec.Axis("w1", "in")}
   assert spec.leaves[("w3",)] == {} and spec.leaves[("tied",)] == {}
@@ -416,7 +425,7 @@ def test_attention_is_refused_or_left_unmerged():
   with pytest.raises(zipjax.SpecError, match="attention heads"):
     zipjax.infer_linen_spec(model, variables, x)
   spec = zipjax.infer_spec(model, variables, x, attention="unmerged")
-  zipjax.check_spec(spec, variables, x)
+  zipjax.check_spec(variables, spec, x)
   assert spec.space_names == ("embed",)  # the residual stream only
   assert spec.leaves[("params", "attn", "query", "kernel")] == {
       0: zipjax.spec.Axis("embed", "in")}

@@ -19,7 +19,7 @@ def _rel_diff(a, b):
                                         "resnet20"])
 def case(request):
   spec, (va, vb), data = zoo.make(request.param)
-  return (spec, zipjax.reset_batchnorm(spec, va, data), zipjax.reset_batchnorm(spec, vb, data),
+  return (spec, zipjax.reset_batchnorm(va, spec, data), zipjax.reset_batchnorm(vb, spec, data),
           data)
 
 
@@ -61,9 +61,9 @@ def test_multihead_apply_equals_each_head_run_alone(case):
 def test_multihead_batchnorm_reset_equals_per_head_reset():
   spec, (va, vb), data = zoo.make("resnet20")
   raw = zipjax.zip(va, vb, spec, data=data, stop_at="stage2", reset_bn=False)
-  reset = zipjax.reset_batchnorm(spec, raw, data)
+  reset = zipjax.reset_batchnorm(raw, spec, data)
   for m in range(2):
-    alone = zipjax.reset_batchnorm(spec, raw.head(m), data)
+    alone = zipjax.reset_batchnorm(raw.head(m), spec, data)
     for a, b in zip(jax.tree_util.tree_leaves(reset.head(m)), jax.tree_util.tree_leaves(alone)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -89,7 +89,7 @@ def test_trunk_is_computed_once():
 @pytest.mark.parametrize("num_models", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_n_way_self_merge_reproduces_model(num_models):
   spec, (v, _), data = zoo.make("resnet20")
-  v = zipjax.reset_batchnorm(spec, v, data)
+  v = zipjax.reset_batchnorm(v, spec, data)
   ref = spec.apply(v, data[0])
   matcher = match.greedy(alpha=1.0, beta=0.5)  # alpha=1: merged features match again
   merged = zipjax.zip_many([v] * num_models, spec, data=data, matcher=matcher)

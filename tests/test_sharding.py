@@ -60,14 +60,14 @@ def _worker() -> dict:
   data = [x[:16], x[16:]]
   out: dict = {"devices": len(devices)}
 
-  s1 = zipjax.compute_stats(spec, [va, vb], data, mesh=one)
-  s8 = zipjax.compute_stats(spec, [va, vb], data)  # default: all local devices
-  s2d = zipjax.compute_stats(spec, [va, vb], data[:1], spaces=["stage1", "stage3"], mesh=two_d)
+  s1 = zipjax.compute_stats([va, vb], spec, data, mesh=one)
+  s8 = zipjax.compute_stats([va, vb], spec, data)  # default: all local devices
+  s2d = zipjax.compute_stats([va, vb], spec, data[:1], spaces=["stage1", "stage3"], mesh=two_d)
   out["stats_count_equal"] = all(int(s1[n].count) == int(s8[n].count) for n in s1)
   out["stats_mean"] = _max_rel_diff({n: s.mean for n, s in s1.items()},
                                     {n: s.mean for n, s in s8.items()})
   out["stats_m2"] = max(_max_rel_diff(s1[n].m2, s8[n].m2) for n in s1)
-  s1_even = zipjax.compute_stats(spec, [va, vb], data[:1], mesh=one)
+  s1_even = zipjax.compute_stats([va, vb], spec, data[:1], mesh=one)
   out["stats_m2_2d_mesh"] = max(_max_rel_diff(s1_even[n].m2, s2d[n].m2) for n in s2d)
   out["stats_on_one_device"] = all(len(a.sharding.device_set) == 1
                                    for a in jax.tree_util.tree_leaves(s8))
@@ -76,13 +76,13 @@ def _worker() -> dict:
   budget, stats_lib.CPU_STEP_FEATURE_BYTES = stats_lib.CPU_STEP_FEATURE_BYTES, 1
   step, sizes = stats_lib._stats_step, []  # pylint: disable=protected-access
   stats_lib._stats_step = lambda *a: sizes.append(a[-1].shape[0]) or step(*a)
-  s8_auto = zipjax.compute_stats(spec, [va, vb], data)
+  s8_auto = zipjax.compute_stats([va, vb], spec, data)
   stats_lib._stats_step, stats_lib.CPU_STEP_FEATURE_BYTES = step, budget
   out["auto_part_sizes"] = sizes
   out["stats_m2_auto"] = max(_max_rel_diff(s1[n].m2, s8_auto[n].m2) for n in s1)
 
-  b1 = zipjax.reset_batchnorm(spec, va, data, mesh=one)
-  b8 = zipjax.reset_batchnorm(spec, va, data)
+  b1 = zipjax.reset_batchnorm(va, spec, data, mesh=one)
+  b8 = zipjax.reset_batchnorm(va, spec, data)
   out["bn"] = _max_rel_diff(b1["batch_stats"], b8["batch_stats"])
   out["bn_changed"] = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(
       jax.tree_util.tree_leaves(va["batch_stats"]), jax.tree_util.tree_leaves(b8["batch_stats"])))
@@ -186,8 +186,8 @@ def test_one_device_mesh_equals_default_bit_for_bit():
   from tests import zoo  # pylint: disable=g-import-not-at-top
   spec, (va, vb), data = zoo.make("mlp", batch=8)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  a = zipjax.compute_stats(spec, [va, vb], data)
-  b = zipjax.compute_stats(spec, [va, vb], data, mesh=mesh)
+  a = zipjax.compute_stats([va, vb], spec, data)
+  b = zipjax.compute_stats([va, vb], spec, data, mesh=mesh)
   for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(u, v)
 

@@ -15,7 +15,7 @@ from tests import zoo
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_check_spec_passes_on_zoo(name):
   spec, (v, _), data = zoo.make(name)
-  zipjax.check_spec(spec, v, data[0], key=jax.random.key(3))
+  zipjax.check_spec(v, spec, data[0], key=jax.random.key(3))
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
@@ -42,7 +42,7 @@ def _broken_resnet_spec():
 def test_check_spec_fails_on_wrong_spec_and_names_the_space():
   spec, v, data = _broken_resnet_spec()
   with pytest.raises(zipjax.SpecError, match="stage2_block1") as err:
-    zipjax.check_spec(spec, v, data[0])
+    zipjax.check_spec(v, spec, data[0])
   assert "changes the model's outputs" in str(err.value)
 
 

@@ -28,7 +28,7 @@ def test_stats_equal_numpy_float64(width, num_models):
   model, spec = models.resnet20(width=width)
   data = list(jax.random.normal(jax.random.key(0), (2, 6, 16, 16, 3)))
   variables = [model.init(jax.random.key(1 + m), data[0][:2]) for m in range(num_models)]
-  stats = zipjax.compute_stats(spec, variables, data)
+  stats = zipjax.compute_stats(variables, spec, data)
   widths = {spec.width(n) for n in ("stage1", "stage2_block1", "stage3")}
   assert min(widths) <= stats_lib._BLOCKS_MAX_WIDTH  # pylint: disable=protected-access
   if width == 1.0:
@@ -48,7 +48,7 @@ def test_stats_equal_numpy_float64(width, num_models):
 
 def test_stream_space_counts_every_capture(resnet_pair):
   spec, va, vb, data = resnet_pair
-  stats = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1"])
+  stats = zipjax.compute_stats([va, vb], spec, data, spaces=["stage1"])
   # Stem + 3 blocks capture stage1 at 16x16 for each of the 12 images.
   assert int(stats["stage1"].count) == 4 * 12 * 16 * 16
 
@@ -87,25 +87,25 @@ def test_nan_features_raise(resnet_pair):
   spec, va, vb, data = resnet_pair
   bad = [data[0].at[0, 0, 0, 0].set(jnp.nan)]
   with pytest.raises(zipjax.DataError, match="not finite"):
-    zipjax.compute_stats(spec, [va, vb], bad)
+    zipjax.compute_stats([va, vb], spec, bad)
 
 
 def test_one_shot_iterator_and_empty_data_raise(resnet_pair):
   spec, va, vb, data = resnet_pair
   with pytest.raises(zipjax.DataError, match="one-shot iterator"):
-    zipjax.compute_stats(spec, [va, vb], iter(data))
+    zipjax.compute_stats([va, vb], spec, iter(data))
   with pytest.raises(zipjax.DataError, match="generator"):
     zipjax.zip(va, vb, spec, data=(x for x in data))
   with pytest.raises(zipjax.DataError, match="no batches"):
-    zipjax.compute_stats(spec, [va, vb], [])
+    zipjax.compute_stats([va, vb], spec, [])
 
 
 def test_batches_may_be_tuples_or_dicts(resnet_pair):
   spec, va, vb, data = resnet_pair
-  plain = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage3"])
+  plain = zipjax.compute_stats([va, vb], spec, data, spaces=["stage3"])
   labels = np.zeros(8)
   for wrapped in ([(x, labels) for x in data], [{"image": x} for x in data]):
-    got = zipjax.compute_stats(spec, [va, vb], wrapped, spaces=["stage3"])
+    got = zipjax.compute_stats([va, vb], spec, wrapped, spaces=["stage3"])
     np.testing.assert_array_equal(got["stage3"].m2, plain["stage3"].m2)
 
 
@@ -115,8 +115,8 @@ def test_microbatches_give_the_statistics_of_whole_batches(resnet_pair, microbat
   # only, 8 splits neither. Chan's update makes the statistics independent of the batching
   # up to float rounding.
   spec, va, vb, data = resnet_pair
-  whole = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1", "stage3"])
-  parts = zipjax.compute_stats(spec, [va, vb], data, spaces=["stage1", "stage3"],
+  whole = zipjax.compute_stats([va, vb], spec, data, spaces=["stage1", "stage3"])
+  parts = zipjax.compute_stats([va, vb], spec, data, spaces=["stage1", "stage3"],
                                microbatch=microbatch)
   for name in ("stage1", "stage3"):
     assert int(parts[name].count) == int(whole[name].count)
@@ -141,11 +141,11 @@ def _record_step_sizes(monkeypatch) -> list[int]:
 def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
   spec, va, vb, data = resnet_pair
   sizes = _record_step_sizes(monkeypatch)
-  zipjax.compute_stats(spec, [va, vb], [(x, None) for x in data], spaces=["stage3"],
+  zipjax.compute_stats([va, vb], spec, [(x, None) for x in data], spaces=["stage3"],
                        microbatch=3, mesh=jax.sharding.Mesh(jax.devices()[:1], ("data",)))
   assert sizes == [3, 3, 2, 3, 1]
   sizes.clear()
-  zipjax.compute_stats(spec, [va, vb], data, spaces=["stage3"], microbatch=np.int64(4))
+  zipjax.compute_stats([va, vb], spec, data, spaces=["stage3"], microbatch=np.int64(4))
   assert sizes == [4, 4, 4]
 
 
@@ -153,7 +153,7 @@ def test_microbatches_run_one_step_per_part(resnet_pair, monkeypatch):
 def test_microbatch_must_be_a_positive_int(resnet_pair, bad):
   spec, va, vb, data = resnet_pair
   with pytest.raises(ValueError, match="microbatch must be a positive int"):
-    zipjax.compute_stats(spec, [va, vb], data, microbatch=bad)
+    zipjax.compute_stats([va, vb], spec, data, microbatch=bad)
 
 
 def test_zip_passes_microbatch_to_the_statistics(resnet_pair, monkeypatch):
@@ -199,10 +199,10 @@ def test_auto_microbatch_takes_whole_batches_off_the_cpu(monkeypatch):
 def test_statistics_take_auto_parts_by_default(monkeypatch):
   spec, models_, data, per_example = _mlp()
   variables = zoo.make("mlp")[1]
-  whole = zipjax.compute_stats(spec, variables, data, microbatch=None)
+  whole = zipjax.compute_stats(variables, spec, data, microbatch=None)
   monkeypatch.setattr(stats_lib, "CPU_STEP_FEATURE_BYTES", 5 * per_example)
   sizes = _record_step_sizes(monkeypatch)
-  parts = zipjax.compute_stats(spec, variables, data)
+  parts = zipjax.compute_stats(variables, spec, data)
   assert [x.shape[0] for x in data] == [16, 16]
   assert sizes == [4] * 8
   for name in whole:

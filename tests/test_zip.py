@@ -28,7 +28,7 @@ def _rel_diff(a, b):
 @pytest.fixture(scope="module", params=list(zoo.ZOO))
 def model_case(request):
   spec, (va, vb), data = zoo.make(request.param)
-  return spec, zipjax.reset_batchnorm(spec, va, data), vb, data
+  return spec, zipjax.reset_batchnorm(va, spec, data), vb, data
 
 
 @pytest.mark.parametrize("matcher,reset_bn", [(m, True) for m in MATCHERS] + [("greedy", False)])
@@ -62,7 +62,7 @@ def test_merged_tree_matches_inputs_and_is_deterministic(model_case):
 
 def test_three_way_self_merge():
   spec, (v, _), data = zoo.make("resnet20")
-  v = zipjax.reset_batchnorm(spec, v, data)
+  v = zipjax.reset_batchnorm(v, spec, data)
   merged = zipjax.zip_many([v, v, v], spec, data=data, matcher=match.greedy(alpha=1.0))
   assert _rel_diff(spec.apply(merged, data[0]), spec.apply(v, data[0])) <= 1e-4
 
@@ -72,7 +72,7 @@ def test_inputs_are_not_mutated():
   va_np = jax.tree_util.tree_map(np.array, va)
   before = jax.tree_util.tree_map(np.copy, va_np)
   zipjax.zip(va_np, vb, spec, data=data)
-  zipjax.reset_batchnorm(spec, va_np, data)
+  zipjax.reset_batchnorm(va_np, spec, data)
   for a, b in zip(jax.tree_util.tree_leaves(va_np), jax.tree_util.tree_leaves(before)):
     np.testing.assert_array_equal(a, b)
 
@@ -115,7 +115,7 @@ def test_batchnorm_reset_equals_numpy_batch_statistics():
     z2 = h @ p["d2"]["kernel"] + p["d2"]["bias"]
     means["bn2"].append(z2.mean(0))
     vars_["bn2"].append(z2.var(0))
-  reset = zipjax.reset_batchnorm(spec, v, batches)
+  reset = zipjax.reset_batchnorm(v, spec, batches)
   w = np.array([32, 16]) / 48
   for layer in ("bn1", "bn2"):
     np.testing.assert_allclose(reset["batch_stats"][layer]["mean"],
@@ -159,7 +159,7 @@ def test_apply_merges_checks_merge_shapes():
   merges = {s.name: match.identity()(np.eye(2 * s.width), num_models=2) for s in spec.spaces}
   merges["hidden0"] = match.identity()(np.eye(3 * 32), num_models=3)
   with pytest.raises(zipjax.MismatchError, match="hidden0"):
-    zipjax.apply_merges(spec, [va, vb], merges)
+    zipjax.apply_merges([va, vb], spec, merges)
 
 
 def test_apply_merges_rejects_non_finite_parameters():
@@ -168,7 +168,7 @@ def test_apply_merges_rejects_non_finite_parameters():
   bad = jax.tree_util.tree_map(lambda a: a, vb)
   bad["params"]["dense1"]["kernel"] = bad["params"]["dense1"]["kernel"].at[0, 0].set(jnp.nan)
   with pytest.raises(zipjax.MismatchError, match=r"Model 1 .*params/dense1/kernel"):
-    zipjax.apply_merges(spec, [va, bad], merges)
+    zipjax.apply_merges([va, bad], spec, merges)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_apply_merges_equals_numpy_reference(name, num_models, kind, kernel):
   merges = _merges(spec, num_models, kind)
   if kind == "greedy_chains":  # the case it exists for: a model gives a group several members
     assert any((np.bincount(m.groups[0], minlength=m.width) > 1).any() for m in merges.values())
-  got = spec_lib.flatten(zipjax.apply_merges(spec, variables, merges, kernel=kernel))
+  got = spec_lib.flatten(zipjax.apply_merges(variables, spec, merges, kernel=kernel))
   want = _numpy_zip(spec, variables, merges)
   assert got.keys() == want.keys()
   for path in want:
@@ -276,7 +276,7 @@ def test_apply_merges_of_copies_is_exact_without_a_reset(name):
       for s in spec.spaces}
   for kernel in ("segment_sum", "einsum"):
     for other, merges in ((v, identity), (vp, undo)):
-      merged = zipjax.apply_merges(spec, [v, other], merges, kernel=kernel)
+      merged = zipjax.apply_merges([v, other], spec, merges, kernel=kernel)
       for path, x in spec_lib.flatten(merged).items():
         np.testing.assert_allclose(x, spec_lib.flatten(v)[path], rtol=1e-6, atol=1e-7,
                                    err_msg=f"{kernel} {spec_lib.fmt_path(path)}")
@@ -302,7 +302,7 @@ def test_apply_merges_finds_a_non_finite_value_in_any_leaf_of_any_model(name, nu
     models = list(variables[:-1]) + [spec_lib.unflatten(bad)]
     with pytest.raises(zipjax.MismatchError, match=f"Model {num_models - 1} .*"
                        + spec_lib.fmt_path(path)):
-      zipjax.apply_merges(spec, models, merges, stop_at=stop)
+      zipjax.apply_merges(models, spec, merges, stop_at=stop)
 
 
 def _compiles_during(fn):
@@ -397,13 +397,13 @@ def test_dense_merge_checks_shapes_and_apply_merges_checks_widths():
   merges = _merges(spec, 2, "soft")
   merges["hidden0"] = _soft_merge(spec.width("hidden0"), 3, 0)
   with pytest.raises(zipjax.MismatchError, match="hidden0.*for 3 models"):
-    zipjax.apply_merges(spec, [va, vb], merges)
+    zipjax.apply_merges([va, vb], spec, merges)
   merges["hidden0"] = np.eye(4)
   with pytest.raises(TypeError, match="GroupMerge or DenseMerge"):
-    zipjax.apply_merges(spec, [va, vb], merges)
+    zipjax.apply_merges([va, vb], spec, merges)
 
 
 def test_apply_merges_rejects_an_unknown_kernel():
   spec, (va, vb), _ = zoo.make("mlp")
   with pytest.raises(ValueError, match="Unknown kernel 'gather'"):
-    zipjax.apply_merges(spec, [va, vb], _merges(spec, 2, "greedy"), kernel="gather")
+    zipjax.apply_merges([va, vb], spec, _merges(spec, 2, "greedy"), kernel="gather")

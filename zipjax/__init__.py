@@ -8,8 +8,12 @@ from zipjax._src.batchnorm import reset_batchnorm
 from zipjax._src.errors import DataError
 from zipjax._src.errors import MismatchError
 from zipjax._src.errors import SpecError
+from zipjax._src.errors import UnmergedWarning
+from zipjax._src.explain import explain
+from zipjax._src.explain import Explanation
 from zipjax._src.infer import infer_linen_spec
 from zipjax._src.infer import infer_spec
+from zipjax._src.nnx import infer_nnx_spec
 from zipjax._src.multihead import ensemble
 from zipjax._src.multihead import MultiHead
 from zipjax._src.spec import check_spec
@@ -20,6 +24,7 @@ from zipjax._src.stats import correlation
 from zipjax._src.stats import FeatureStats
 from zipjax._src.apply import apply_merges
 from zipjax._src.zipping import compute_merges
+# `zip` is not in __all__, so `from zipjax import *` leaves the builtin alone: call zipjax.zip.
 from zipjax._src.zipping import zip  # pylint: disable=redefined-builtin
 from zipjax._src.zipping import zip_many
 
@@ -33,8 +38,11 @@ __all__ = (
     "correlation",
     "DataError",
     "ensemble",
+    "explain",
+    "Explanation",
     "FeatureStats",
     "infer_linen_spec",
+    "infer_nnx_spec",
     "infer_spec",
     "match",
     "metrics",
@@ -46,6 +54,6 @@ __all__ = (
     "spec",
     "Spec",
     "SpecError",
-    "zip",
+    "UnmergedWarning",
     "zip_many",
 )

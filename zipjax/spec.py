@@ -9,6 +9,7 @@ from zipjax._src.spec import FEATURES
 from zipjax._src.spec import IN
 from zipjax._src.spec import layernorm
 from zipjax._src.spec import linen_spec
+from zipjax._src.nnx import nnx_spec
 from zipjax._src.spec import OUT
 from zipjax._src.spec import Space
 from zipjax._src.spec import Spec
@@ -25,6 +26,7 @@ __all__ = (
     "IN",
     "layernorm",
     "linen_spec",
+    "nnx_spec",
     "OUT",
     "Space",
     "Spec",

@@ -86,7 +86,7 @@ def make_merges(spec: zipjax.Spec, num_models: int, kind: str, *, seed: int = 0,
     if variables is None or image_size is None:
       raise ValueError("make_merges(kind='features') needs the models' variables and the "
                        "image_size of their inputs.")
-    stats = zipjax.compute_stats(spec, variables,
+    stats = zipjax.compute_stats(variables, spec,
                                  common.random_images(2, 8, image_size, seed=seed))
     return zipjax.compute_merges(stats, num_models=num_models)
   merges = {}
@@ -135,7 +135,7 @@ def _time_case(case: Case, s: Settings) -> dict:
   for kind in s.merges:
     merges = merges_of[kind] = make(kind)
     fns[f"{kind}: apply_merges"] = (
-        lambda merges=merges: zipjax.apply_merges(spec, variables, merges))
+        lambda merges=merges: zipjax.apply_merges(variables, spec, merges))
     for k in KERNELS:
       call, why[f"{kind}: {k}"] = kernel_call(spec, variables, merges, k)
       if call is not None:
@@ -148,7 +148,7 @@ def _time_case(case: Case, s: Settings) -> dict:
   for kind in s.merges:
     others = make(kind, seed=1)
     jax.clear_caches()
-    first_calls[kind] = [common.timed(lambda m=m: zipjax.apply_merges(spec, variables, m))
+    first_calls[kind] = [common.timed(lambda m=m: zipjax.apply_merges(variables, spec, m))
                          for m in (merges_of[kind], others)]
   return {"case": dataclasses.asdict(case), "label": common.model_label(case.arch, case.width),
           "bytes_of_models": common.tree_bytes(variables), "leaves": len(spec.leaves),

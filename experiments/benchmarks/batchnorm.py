@@ -40,7 +40,7 @@ def _measure(case: Case, s: Settings) -> common.Row:
   train_step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   fns = {
       "baseline": lambda: [train_step(variables, x) for x in batches],
-      "reset": lambda: zipjax.reset_batchnorm(spec, variables, batches),
+      "reset": lambda: zipjax.reset_batchnorm(variables, spec, batches),
   }
   timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
   label = (f"{common.model_label(case.arch, case.width)}, {case.num_batches}x"

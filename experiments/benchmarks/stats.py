@@ -62,8 +62,8 @@ def _measure(case: Case, s: Settings) -> list[common.Row]:
   forward = jax.jit(spec.apply)
   fns = {
       "baseline": lambda: [forward(v, x) for x in batches for v in variables],
-      "stats": lambda: zipjax.compute_stats(spec, variables, batches),
-      "whole_batches": lambda: zipjax.compute_stats(spec, variables, batches, microbatch=None),
+      "stats": lambda: zipjax.compute_stats(variables, spec, batches),
+      "whole_batches": lambda: zipjax.compute_stats(variables, spec, batches, microbatch=None),
   }
   timing = common.time_calls(fns, repeats=s.repeats, budget_s=s.budget_s)
   label = (f"{common.model_label(case.arch, case.width)}, {case.num_batches}x"

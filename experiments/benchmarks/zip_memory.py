@@ -116,14 +116,14 @@ def measure(s: Settings) -> dict:
     del merged
   stages = {}
   stats, stages["compute_stats"] = peak_growth(
-      lambda: zipjax.compute_stats(spec, variables, batches))
+      lambda: zipjax.compute_stats(variables, spec, batches))
   merges, stages["compute_merges"] = peak_growth(
       lambda: zipjax.compute_merges(stats, num_models=2))
   del stats
   merged, stages["apply_merges"] = peak_growth(
-      lambda: zipjax.apply_merges(spec, variables, merges))
+      lambda: zipjax.apply_merges(variables, spec, merges))
   _, stages["reset_batchnorm"] = peak_growth(
-      lambda: zipjax.reset_batchnorm(spec, merged, batches))
+      lambda: zipjax.reset_batchnorm(merged, spec, batches))
   return {"settings": dataclasses.asdict(s), "model_bytes": model_bytes,
           "stats_bytes": stats_bytes, "calls": calls, "stages": stages,
           "label": (f"{common.model_label(s.arch, s.width)}, {s.num_batches}x{s.batch_size} "

@@ -51,16 +51,16 @@ def _stages(spec: zipjax.Spec, variables: list, batches: list) -> tuple[dict, An
   """Runs the four stages in sequence; returns each one's time and the merged variables."""
   times = {}
   start = time.perf_counter()
-  stats = jax.block_until_ready(zipjax.compute_stats(spec, variables, batches))
+  stats = jax.block_until_ready(zipjax.compute_stats(variables, spec, batches))
   times["compute_stats"] = time.perf_counter() - start
   start = time.perf_counter()
   merges = zipjax.compute_merges(stats, num_models=len(variables))
   times["compute_merges"] = time.perf_counter() - start
   start = time.perf_counter()
-  merged = jax.block_until_ready(zipjax.apply_merges(spec, variables, merges))
+  merged = jax.block_until_ready(zipjax.apply_merges(variables, spec, merges))
   times["apply_merges"] = time.perf_counter() - start
   start = time.perf_counter()
-  merged = jax.block_until_ready(zipjax.reset_batchnorm(spec, merged, batches))
+  merged = jax.block_until_ready(zipjax.reset_batchnorm(merged, spec, batches))
   times["reset_batchnorm"] = time.perf_counter() - start
   return times, merged
 

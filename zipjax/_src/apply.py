@@ -230,14 +230,14 @@ def resolve_kernel(kernel: str) -> str:
   return kernel
 
 
-def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
+def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
                  merges: Mapping[str, Merge], *, stop_at: str | None = None,
                  kernel: str = "auto") -> dict | MultiHead:
   """Zips N models' variables with one merge per space.
 
   Arguments:
-    spec: the models' spec.
     variables_list: N >= 2 variables trees of the same structure and shapes.
+    spec: the models' spec.
     merges: {space: Merge} for every space (up to ``stop_at``), of the spec's widths and N.
     stop_at: a partial zip: only the spaces up to this stop point are merged.
     kernel: "auto", "einsum" or "segment_sum" (see the module docstring); the result is the
@@ -251,15 +251,16 @@ def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
     SpecError: a space without a merge. MismatchError: a merge of the wrong width or number
     of models, or non-finite values in a model.
   """
+  spec_lib.check_order(variables_list, spec, "apply_merges(variables_list, spec, merges)")
   flats = spec_lib.check_models(spec, variables_list, finite=False)
   needed = spec.space_names if stop_at is None else spec.trunk_spaces(stop_at)
-  missing = [s for s in needed if s not in merges]
+  missing = [s for s in needed if s not in merges and not spec.space(s).parts]
   if missing:
     raise SpecError(f"apply_merges has no merge for spaces {missing}; "
                     + ("a full zip needs one for every space" if stop_at is None else
                        f"a partial zip at {stop_at!r} needs one for every space up to it")
                     + f" of {spec.name!r}.")
-  for name in needed:
+  for name in (n for n in needed if n in merges):
     merge, width = merges[name], spec.width(name)
     if not isinstance(merge, Merge):
       raise TypeError(f"The merge of space {name!r} is a {type(merge).__name__}; expected a "
@@ -269,12 +270,13 @@ def apply_merges(spec: spec_lib.Spec, variables_list: Sequence[Any],
           f"The merge of space {name!r} is for {merge.num_models} models of width "
           f"{merge.width}; the models are {len(flats)} of width {width} (M must be "
           f"{(width, len(flats) * width)}, U {(len(flats) * width, width)}).")
+  merges = spec.composed(merges, needed)
   trunk = None if stop_at is None else frozenset(needed)
   leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel))
   if not all(jax.device_get(finite)):
     for m, flat in enumerate(flats):  # the exact check, only on this rare path
       spec_lib.check_finite(flat, label=f"Model {m}")
-  zipped = spec_lib.unflatten({p: leaves[p] for p in flats[0]})
+  zipped = spec_lib.unflatten({p: leaves[p] for p in flats[0]}, variables_list[0])
   if stop_at is None:
     return zipped
   heads = frozenset(p for p in flats[0] if not spec.is_trunk_leaf(p, trunk))

@@ -51,10 +51,10 @@ def _accumulate(spec, stacked, out_sharding, sums, variables, x, size):
 def _batch_stats(spec, stacked, variables, x, *, per_head: bool) -> dict:
   """{batch_stats path: mean or var} of batch ``x`` (traced inside ``_accumulate``)."""
   if not stacked:
-    stats = spec.batchnorm_stats(variables, x)
+    stats = _stats_of(spec, variables, x)
   elif not per_head:
     axes = multihead.in_axes(variables, stacked)
-    stats = jax.vmap(spec.batchnorm_stats, in_axes=(axes, None))(variables, x)
+    stats = jax.vmap(lambda v, x: _stats_of(spec, v, x), in_axes=(axes, None))(variables, x)
     # vmap stacks every output; a trunk layer's statistics are the same for every head.
     stats = {p: (v if p in stacked else v[0]) for p, v in stats.items()}
   else:
@@ -63,14 +63,52 @@ def _batch_stats(spec, stacked, variables, x, *, per_head: bool) -> dict:
     # pass recomputes the trunk, but on 1/devices of the batch.
     flat = spec_lib.flatten(variables)
     num = next(v.shape[0] for p, v in flat.items() if p in stacked)
-    heads = [spec.batchnorm_stats(spec_lib.unflatten(
-        {p: (v[m] if p in stacked else v) for p, v in flat.items()}), x) for m in range(num)]
+    heads = [_stats_of(spec, spec_lib.unflatten(
+        {p: (v[m] if p in stacked else v) for p, v in flat.items()}, variables), x)
+             for m in range(num)]
     stats = {p: (jnp.stack([s[p] for s in heads]) if p in stacked else v)
              for p, v in heads[0].items()}
   return stats
 
 
-def reset_batchnorm(spec: spec_lib.Spec, variables: Any, data: Iterable[Any], *,
+def _stats_of(spec, variables, x) -> dict:
+  """``spec.batchnorm_stats`` as {statistic's leaf path: value}; a layer given as
+  {layer path: (mean, var)} is spread over its 'mean' and 'var' leaves."""
+  out = {}
+  for path, value in spec.batchnorm_stats(variables, x).items():
+    if isinstance(value, tuple):
+      if len(value) != 2:
+        raise SpecError(f"batchnorm_stats gave {len(value)} values for {fmt_path(path)}; "
+                        "expected {layer path: (mean, var)} or {leaf path: array}.")
+      out[tuple(path) + ("mean",)], out[tuple(path) + ("var",)] = value
+    else:
+      out[tuple(path)] = value
+  return out
+
+
+def batchnorm_paths(spec: spec_lib.Spec, variables: Any, x: Any) -> frozenset:
+  """The leaf paths whose values a BatchNorm reset recomputes (traced, not run), checked
+  against the spec: a model whose spec has BatchNorm layers must report their statistics."""
+  shapes = jax.eval_shape(lambda v, x: _stats_of(spec, v, x), variables, x)
+  paths = frozenset(shapes)
+  flat = spec_lib.flatten(variables)
+  unknown = sorted(fmt_path(p) for p in paths if p not in flat)
+  if unknown:
+    raise SpecError(f"batchnorm_stats of spec {spec.name!r} reports statistics for "
+                    f"{unknown[:8]}, which are not leaves of the variables (leaves are named "
+                    "like 'batch_stats/bn1/mean' for linen, 'bn1/mean' for NNX).")
+  layers = [bn for bn in spec.batchnorm_layers() if bn.mean not in paths or bn.var not in paths]
+  if layers:
+    raise SpecError(
+        f"The spec {spec.name!r} has BatchNorm layers whose statistics its `batchnorm_stats` "
+        f"does not compute: {[fmt_path(bn.var[:-1]) for bn in layers[:8]]}; the reset would "
+        "leave them stale. For a plain function pass infer_spec(..., batchnorm_stats=f) with "
+        "f(variables, x) -> {leaf path: batch mean or variance}; linen and NNX models get one "
+        "automatically. To keep the merged statistics, pass reset_bn=False.")
+  return paths
+
+
+def reset_batchnorm(variables: Any, spec: spec_lib.Spec, data: Iterable[Any], *,
                     progress: bool = False, mesh: Mesh | None = None) -> Any:
   """Returns ``variables`` with every BatchNorm mean/var recomputed over ``data``.
 
@@ -87,20 +125,23 @@ def reset_batchnorm(spec: spec_lib.Spec, variables: Any, data: Iterable[Any], *,
   batches made with ``jax.make_array_from_process_local_data``. The new statistics come back
   on one device, or where the stored ones were if the caller committed those to devices.
   """
+  spec_lib.check_order(variables, spec, "reset_batchnorm(variables, spec, data)")
   mesh = sharding_lib.resolve_mesh(mesh)
   if isinstance(variables, multihead.MultiHead):
     spec_lib.validate(spec, variables.head(0))
-    new = _reset(spec, spec_lib.flatten(variables.variables), variables.stacked, data,
+    new = _reset(spec, variables.variables, variables.head(0), variables.stacked, data,
                  progress, mesh)
     return variables.replace(variables=new)
-  return _reset(spec, spec_lib.validate(spec, variables), frozenset(), data, progress, mesh)
+  spec_lib.validate(spec, variables)
+  return _reset(spec, variables, variables, frozenset(), data, progress, mesh)
 
 
-def _reset(spec, flat, stacked, data, progress, mesh) -> dict:
-  stored = {p for p in flat if p[0] == "batch_stats"}
+def _reset(spec, variables, one_model, stacked, data, progress, mesh) -> Any:
+  flat = spec_lib.flatten(variables)
+  stored = batchnorm_paths(spec, one_model, data_lib.first_input(data, what="BatchNorm reset"))
   if not stored:
-    return spec_lib.unflatten(flat)
-  variables = spec_lib.unflatten(flat)
+    return variables
+  like = variables
   out_sharding = None
   if mesh is not None:
     out_sharding = sharding_lib.replicated(mesh)
@@ -133,4 +174,4 @@ def _reset(spec, flat, stacked, data, progress, mesh) -> dict:
     if mesh is not None and isinstance(flat[path], jax.Array) and flat[path].committed:
       value = jax.device_put(value, flat[path].sharding)  # where the caller put it
     flat[path] = value
-  return spec_lib.unflatten(flat)
+  return spec_lib.unflatten(flat, like)

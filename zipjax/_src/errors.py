@@ -14,7 +14,13 @@ class MismatchError(ValueError):
 
 
 class DataError(ValueError):
-  """Calibration data is unusable: one-shot, empty or producing non-finite values."""
+  """Calibration data is unusable: one-shot, empty, of the wrong form or shape, or producing
+  non-finite values."""
+
+
+class UnmergedWarning(UserWarning):
+  """Some weights are only averaged: axes that carry features stay unmerged (see
+  :func:`zipjax.explain`)."""
 
 
 def fmt_path(path: Sequence[Any]) -> str:

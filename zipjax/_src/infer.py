@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -98,6 +99,11 @@ _TRANSPARENT = frozenset("""
     reduce_window_min reduce_window optimization_barrier device_put sharding_constraint
 """.split()) | frozenset(("mul", "div"))
 _SQRT = frozenset(("sqrt", "rsqrt"))
+_INPUT_PIN = "an axis of the model's input"
+_OUTPUT_PIN = "an axis of the model's output"
+_WINDOW_PIN = "convolution window"
+# Axes that are never features to merge: nothing to report when they stay unmerged.
+_EXPECTED_PINS = frozenset((_INPUT_PIN, _OUTPUT_PIN, _WINDOW_PIN))
 
 
 class _Unsupported(Exception):
@@ -166,6 +172,9 @@ class _Rule:
   contract: operand axes summed over against another operand (a weight's 'in' axis).
   pin_in / pin_out: (index, axis, reason): axes whose order matters.
   refuse_in: (operand, axis, reason): fine on a pinned axis, an error on a merged space.
+  composes: (output, axis, [(operand, axis, repeats)]): the output axis is the operand axes'
+    features one after the other, each tiled ``repeats`` times (a concatenation, or a
+    feature map flattened channels-last): a space made of spaces.
   """
 
   links: list = dataclasses.field(default_factory=list)
@@ -174,6 +183,7 @@ class _Rule:
   pin_in: list = dataclasses.field(default_factory=list)
   pin_out: list = dataclasses.field(default_factory=list)
   refuse_in: list = dataclasses.field(default_factory=list)
+  composes: list = dataclasses.field(default_factory=list)
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -298,7 +308,7 @@ def _conv(eqn) -> _Rule:
   if p.get("batch_group_count", 1) != 1:
     return _pin_all(eqn, rule, "convolution with batch_group_count > 1")
   rule.links.append((0, lhs[0], 0, out[0]))
-  window = "convolution window"
+  window = _WINDOW_PIN
   rule.pin_in += [(0, a, window) for a in lhs[2:]] + [(1, a, window) for a in rhs[2:]]
   rule.pin_out += [(0, a, window) for a in out[2:]]
   groups = p.get("feature_group_count", 1)
@@ -391,6 +401,11 @@ def _rule(eqn) -> _Rule:
     for src, dst in _reshape_blocks(ins[0], _shape(eqn.outvars[0])):
       if len(src) == 1 and len(dst) == 1:
         rule.links.append((0, src[0], 0, dst[0]))
+      elif len(dst) == 1:
+        # Flattened, last axis innermost: the features of src[-1] at every outer position.
+        outer = src[:-1]
+        rule.composes.append((0, dst[0], [(0, src[-1], math.prod(ins[0][a] for a in outer))]))
+        rule.pin_in += [(0, a, "flattened together with a feature axis") for a in outer]
       else:
         reason = "merged with or split into other axes by a reshape"
         rule.pin_in += [(0, a, reason) for a in src]
@@ -409,11 +424,9 @@ def _rule(eqn) -> _Rule:
   if name == "concatenate":
     d = p["dimension"]
     rule = _Rule()
-    reason = "concatenated with other features along this axis"
     for i, shape in enumerate(ins):
       rule.links += [(i, a, 0, a) for a in range(len(shape)) if a != d]
-      rule.pin_in.append((i, d, reason))
-    rule.pin_out.append((0, d, reason))
+    rule.composes.append((0, d, [(i, d, 1) for i in range(len(ins))]))
     return rule
   if name == "split":
     axis = p["axis"]
@@ -558,6 +571,7 @@ class _SpaceInfo:
   captures: list  # [_Capture] in network order
   name_hint: str
   order: tuple
+  parts: tuple = ()  # a space made of spaces: ((part root or None, width, repeats), ...)
 
 
 class _Analysis:
@@ -570,6 +584,9 @@ class _Analysis:
     self.uf = _UnionFind()
     self.ids: dict = {}  # (scope, var, axis) -> node
     self.pins: dict = {}  # node -> reason
+    self.pin_eqn: dict = {}  # node -> (eqn, callers) that pinned it first
+    # Spaces made of spaces: [(composite node, [(part node or width, repeats)], [part reader])]
+    self.composites: list = []
     self.refusals: list = []  # (node, eqn, reason, location)
     self.bilinear: list = []  # (node, eqn, location): axes of a product of two activations
     self.dynamic: set = set()  # (scope, var) depending on the model's inputs
@@ -626,9 +643,13 @@ class _Analysis:
       self.succ[a].add(b)
       self.pred[b].add(a)
 
-  def pin(self, scope: Scope, v, axis: int, reason: str) -> None:
+  def pin(self, scope: Scope, v, axis: int, reason: str, eqn=None) -> None:
     if not _is_literal(v) and not _is_drop(v):
-      self.pins.setdefault(self.node(scope, v, axis), reason)
+      node = self.node(scope, v, axis)
+      if node not in self.pins:
+        self.pins[node] = reason
+        if eqn is not None:
+          self.pin_eqn[node] = (eqn, tuple(self._callers))
 
   def unify(self, sa: Scope, va, aa: int, sb: Scope, vb, ab: int) -> None:
     if any(_is_literal(v) or _is_drop(v) for v in (va, vb)):
@@ -653,13 +674,13 @@ class _Analysis:
         self.define((), v, True, None, None)
         self.inputs.append(((), v))
         for a in range(ndim):
-          self.pin((), v, a, "an axis of the model's input")
+          self.pin((), v, a, _INPUT_PIN)
     self._jaxpr(jaxpr, (), None)
     for v in jaxpr.outvars:
       if _is_literal(v):
         continue
       for a in range(len(_shape(v))):
-        self.pin((), v, a, "an axis of the model's output")
+        self.pin((), v, a, _OUTPUT_PIN)
       if self.is_dynamic((), v):
         self.outputs.append(self.rep[((), v)])
 
@@ -702,9 +723,22 @@ class _Analysis:
     for i, a, j, b in rule.ties:
       self.unify(scope, ins[i], a, scope, ins[j], b)
     for i, a, reason in rule.pin_in:
-      self.pin(scope, ins[i], a, reason)
+      self.pin(scope, ins[i], a, reason, eqn)
     for j, b, reason in rule.pin_out:
-      self.pin(scope, outs[j], b, reason)
+      self.pin(scope, outs[j], b, reason, eqn)
+    for j, b, parts in rule.composes:
+      if _is_drop(outs[j]):
+        continue
+      made, readers = [], []
+      for i, a, repeats in parts:
+        v = ins[i]
+        width = _shape(v)[a]
+        if _is_literal(v) or not self.is_dynamic(scope, v):
+          made.append((None, width, repeats))  # constants and parameters: not aligned
+        else:
+          made.append((self.node(scope, v, a), width, repeats))
+          readers.append((self._pos, scope, v, a))
+      self.composites.append((self.node(scope, outs[j], b), made, readers))
     for i, a, reason in rule.refuse_in:
       if not _is_literal(ins[i]):
         self.refusals.append((self.node(scope, ins[i], a), eqn, reason,
@@ -882,34 +916,129 @@ class _Analysis:
 
   # -- conclusions ------------------------------------------------------------------------------
 
+  def _pin_reason(self, root: int) -> str | None:
+    """Why a class of axes is pinned, with the model code that pinned it; None for the
+    model's inputs and outputs and convolution windows, which are never merged."""
+    for node, reason in self.pins.items():
+      if self.uf.find(node) != root:
+        continue
+      if reason in _EXPECTED_PINS:
+        return None
+      if node in self.pin_eqn:
+        eqn, callers = self.pin_eqn[node]
+        return (f"{reason} ({eqn.primitive.name} at {_location(eqn, callers)}); "
+                "zipjax does not merge such an axis yet")
+      return reason
+    return None
+
   def conclude(self) -> tuple[list[_SpaceInfo], list[frozenset]]:
-    """The merged spaces in network order, and the keys of those that are stop points."""
+    """The merged spaces in network order, and the keys of those that are stop points.
+
+    Also fills ``self.unmerged``: {(leaf index, axis): why} for the parameter axes that carry
+    features but stay unmerged (inputs, outputs and convolution windows left out).
+    """
     top = self.closed.jaxpr
     groups = collections.defaultdict(list)
     for k, v in enumerate(top.invars[:len(self.paths)]):
       for a in range(len(_shape(v))):
         groups[self.find((), v, a)].append((k, a))
-    pinned = {self.uf.find(n): reason for n, reason in self.pins.items()}
+    pinned = {self.uf.find(n) for n in self.pins}
+    reasons: dict = {}  # root -> why, for pins that spread from a space made of spaces
+    self.unmerged = {}
 
-    candidates = {}
-    for root, axes in groups.items():
-      if root in pinned or len(axes) < 2:
-        continue
-      roles = {}
-      conflict = False
+    def leave(axes, why):
+      for ka in axes:
+        if why and ka in self.roles:
+          self.unmerged[ka] = why
+
+    def why_pinned(root):
+      return reasons[root] if root in reasons else self._pin_reason(root)
+
+    def roles_of(axes):
+      roles, conflict = {}, False
       for ka in axes:
         found = set(self.roles.get(ka, {}))
         if len(found) > 1:
           conflict = True  # tied weights: one axis reads and writes the space
         roles[ka] = found.pop() if len(found) == 1 else spec_lib.OUT
-      if conflict:
+      return roles, conflict
+
+    # Spaces made of spaces: one definition per class, or the class is pinned. A pinned one
+    # pins its parts (their order inside it matters), and so does one with tied weights.
+    made = {}
+    for node, parts, _ in self.composites:
+      root = self.uf.find(node)
+      parts = tuple((None if p is None else self.uf.find(p), w, r) for p, w, r in parts)
+      if made.setdefault(root, parts) != parts and root not in pinned:
+        pinned.add(root)
+        reasons[root] = "made of different spaces at different places"
+    changed = True
+    while changed:
+      changed = False
+      for root, parts in made.items():
+        if root not in pinned and root in groups and roles_of(groups[root])[1]:
+          pinned.add(root)
+          reasons[root] = "tied weights: one parameter axis both reads and writes it"
+        if root not in pinned:
+          continue
+        for p, _, _ in parts:
+          if p is not None and p not in pinned:
+            pinned.add(p)
+            why = why_pinned(root)
+            reasons[p] = ("flattened or concatenated into an axis that stays unmerged"
+                          + (f": {why}" if why else " (the model's input or output)"))
+            changed = True
+    # A space read or written through a space made of it counts as read or written.
+    inherited = collections.defaultdict(set)
+    for root, parts in made.items():
+      kinds = set(roles_of(groups.get(root, ()))[0].values())
+      for p, _, _ in parts:
+        if p is not None:
+          inherited[p] |= kinds
+
+    candidates = {}
+    for root, axes in groups.items():
+      if root in made:
         continue
-      kinds = set(roles.values())
+      if root in pinned:
+        leave(axes, why_pinned(root))
+        continue
+      if len(axes) < 2 and not inherited[root]:
+        leave(axes, "no other parameter axis shares its features")
+        continue
+      roles, conflict = roles_of(axes)
+      if conflict:
+        leave(axes, "tied weights: one parameter axis both reads and writes its space")
+        continue
+      kinds = set(roles.values()) | inherited[root]
       if spec_lib.IN in kinds and kinds & {spec_lib.OUT, spec_lib.VAR}:
         candidates[root] = roles
+      else:
+        leave(axes, "no layer with parameters both writes and reads its space")
+    composed = {}
+    for root, parts in made.items():
+      axes = groups.get(root)
+      if not axes:
+        continue
+      if root in pinned:
+        leave(axes, why_pinned(root))
+      elif not any(p in candidates for p, _, _ in parts):
+        # Nothing to report when its parts are the model's input (a flattened image).
+        whys = [why_pinned(p) if p in pinned else "no layer both writes and reads it"
+                for p, _, _ in parts if p is not None]
+        whys = [w for w in whys if w]
+        leave(axes, f"made of features that stay unmerged ({whys[0]})" if whys else None)
+      else:
+        composed[root] = roles_of(axes)[0]
 
     for n, eqn, where in self.bilinear:
       root = self.uf.find(n)
+      if root in composed and self.attention != "refuse":
+        leave(composed.pop(root), f"attention: two activations are multiplied over it at {where}")
+        for p, _, _ in made[root]:
+          if p in candidates:
+            leave(candidates.pop(p), "part of a space that attention multiplies over")
+        continue
       if root not in candidates:
         continue
       if self.attention == "refuse":
@@ -918,7 +1047,8 @@ class _Analysis:
                      "(attention scores or attention-weighted values) over a feature axis that "
                      f"parameters write, of {names[:8]}. zipjax cannot merge attention heads "
                      "yet. Pass attention='unmerged' to leave these spaces unmerged.", where)
-      del candidates[root]
+      leave(candidates.pop(root), f"attention: two activations are multiplied over it at "
+            f"{where}, and zipjax does not merge attention heads yet")
     for n, eqn, reason, where in self.refusals:
       root = self.uf.find(n)
       if root in candidates:
@@ -931,6 +1061,11 @@ class _Analysis:
       root = self.find(scope, v, a)
       if root in candidates:
         readers[root].append((pos, scope, v, a))
+    for node, _, part_readers in self.composites:
+      if self.uf.find(node) in composed:
+        for pos, scope, v, a in part_readers:
+          if self.find(scope, v, a) in candidates:
+            readers[self.find(scope, v, a)].append((pos, scope, v, a))
     vars_of = collections.defaultdict(set)
     last = {}
     for (scope, v), shape in self.shapes.items():
@@ -951,6 +1086,7 @@ class _Analysis:
         (cs, cv, ca), _ = self._walk_back(scope, v, a)
         caps.setdefault((cs, cv), (self.position[(cs, cv)], ca))
       if not caps:
+        leave(roles, "no activation of its space reaches a layer that reads it")
         continue
       captures = [_Capture(s, v, a) for (s, v), (_, a) in
                   sorted(caps.items(), key=lambda kv: kv[1][0])]
@@ -960,12 +1096,29 @@ class _Analysis:
       key = frozenset((self.paths[k], a, role) for (k, a), role in leaf_axes.items())
       writers = sorted((min(self.roles.get(ka, {}).values(), default=1 << 60), ka)
                        for ka, role in leaf_axes.items() if role != spec_lib.IN)
+      first = writers[0][1][0] if writers else next(iter(leaf_axes))[0]
       spaces.append(_SpaceInfo(key=key, width=width, leaf_axes=leaf_axes, captures=captures,
-                               name_hint=_module_name(self.paths[writers[0][1][0]]),
+                               name_hint=_module_name(self.paths[first]),
                                order=(last.get(root, (0,))[0], root)))
     spaces.sort(key=lambda s: s.order)
+    base = {s.order[1]: s for s in spaces}
+    for root, roles in composed.items():
+      parts = tuple((p if p in base else None, w, r) for p, w, r in made[root])
+      if not any(p is not None for p, _, _ in parts):
+        leave(roles, "made of features that stay unmerged")
+        continue
+      leaf_axes = {ka: roles[ka] for ka in sorted(roles)}
+      k0, a0 = next(iter(leaf_axes))
+      names = [base[p].name_hint for p, _, _ in parts if p is not None]
+      hint = (f"flatten({names[0]})" if len(parts) == 1 else "concat(" + ",".join(names) + ")")
+      spaces.append(_SpaceInfo(
+          key=frozenset((self.paths[k], a, role) for (k, a), role in leaf_axes.items()),
+          width=_shape(top.invars[k0])[a0], leaf_axes=leaf_axes, captures=[], name_hint=hint,
+          order=(max(base[p].order[0] for p, _, _ in parts if p is not None), root),
+          parts=parts))
+    spaces.sort(key=lambda s: (s.order, bool(s.parts)))
 
-    roots = {s.order[1]: s for s in spaces}
+    roots = {s.order[1]: s for s in spaces if not s.parts}
     stops = []
     for root, s in roots.items():
       if root not in last:
@@ -1009,10 +1162,12 @@ class _Analysis:
 def _splits_leaves(spaces: Sequence[_SpaceInfo], stop: _SpaceInfo) -> bool:
   """Whether a partial zip at ``stop`` splits the leaves cleanly (``spec.bypassing_leaf``)."""
   index = {id(s): i for i, s in enumerate(spaces)}
+  by_root = {s.order[1]: s for s in spaces}
   leaf_spaces = collections.defaultdict(list)
   for s in spaces:
+    members = [by_root[p] for p, _, _ in s.parts if p is not None] or [s]
     for (k, _), role in s.leaf_axes.items():
-      leaf_spaces[k].append((index[id(s)], role))
+      leaf_spaces[k] += [(index[id(m)], role) for m in members]
   return spec_lib.bypassing_leaf(leaf_spaces, index[id(stop)]) is None
 
 
@@ -1121,6 +1276,7 @@ class _Plan:
   closed: Any
   spaces: list
   stops: list
+  unmerged: dict
 
 
 def _abstract(tree):
@@ -1134,12 +1290,11 @@ def _shape_key(variables, x):
 
 
 def _analyse(apply_fn: Callable, variables, x, attention: str) -> _Plan:
-  paths = [tuple(key_name(k) for k in path)
-           for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+  paths = list(spec_lib.flatten(variables))
   closed = jax.make_jaxpr(apply_fn)(_abstract(variables), _abstract(x))
   analysis = _Analysis(closed, paths, attention)
   spaces, stops = analysis.conclude()
-  return _Plan(closed=closed, spaces=spaces, stops=stops)
+  return _Plan(closed=closed, spaces=spaces, stops=stops, unmerged=analysis.unmerged)
 
 
 def _unique_names(spaces: Sequence[_SpaceInfo]) -> list[str]:
@@ -1190,6 +1345,11 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
   """
   if attention not in _ATTENTION_MODES:
     raise ValueError(f"attention must be one of {_ATTENTION_MODES}, got {attention!r}.")
+  if type(model).__module__.startswith("flax.nnx") or _is_nnx(model):
+    raise TypeError("infer_spec got a flax.nnx module; call zipjax.infer_nnx_spec(module, x) "
+                    "(its variables are inside the module).")
+  if isinstance(variables, spec_lib.Spec):
+    raise TypeError("infer_spec(model, variables, sample_input) got a Spec as the variables.")
   kwargs = dict(apply_kwargs or {})
   if isinstance(model, nn.Module):
     module = model
@@ -1254,18 +1414,32 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
   def apply(v, x):
     return apply_fn(spec_lib._model_vars(v), x)  # pylint: disable=protected-access
 
-  spec = spec_lib.Spec(spaces=tuple(spec_lib.Space(n, s.width) for s, n in zip(plan.spaces, names)),
+  unmerged: dict = {}
+  for (k, a), why in sorted(plan.unmerged.items()):
+    unmerged.setdefault(paths[k], {})[a] = why
+  root_name = {s.order[1]: n for s, n in zip(plan.spaces, names)}
+
+  def space(s, n):
+    parts = tuple((root_name[p] if p is not None else w, r) for p, w, r in s.parts)
+    return spec_lib.Space(n, s.width, parts)
+
+  spec = spec_lib.Spec(spaces=tuple(space(s, n) for s, n in zip(plan.spaces, names)),
                        leaves=leaves, stop_points=tuple(name_of[k] for k in plan.stops),
-                       apply=apply, features=features, batchnorm_stats=bn_stats, name=label)
+                       apply=apply, features=features, batchnorm_stats=bn_stats, name=label,
+                       unmerged=unmerged, example=_abstract(sample_input))
   spec_lib.validate(spec, variables)
   return spec
 
 
-def infer_linen_spec(module: nn.Module, variables: spec_lib.Variables, sample_input: Any,
-                     **apply_kwargs) -> spec_lib.Spec:
-  """:func:`infer_spec` for a flax.linen module called as ``module.apply(v, x, **apply_kwargs)``.
+def _is_nnx(model: Any) -> bool:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return isinstance(model, nnx.Module)
 
-  For the analysis options (``attention``, ``name``) call :func:`infer_spec` with
-  ``apply_kwargs=``.
-  """
-  return infer_spec(module, variables, sample_input, apply_kwargs=apply_kwargs)
+
+def infer_linen_spec(module: nn.Module, variables: spec_lib.Variables, sample_input: Any, *,
+                     attention: str = "refuse", name: str | None = None,
+                     **apply_kwargs) -> spec_lib.Spec:
+  """:func:`infer_spec` for a flax.linen module called as ``module.apply(v, x, **apply_kwargs)``
+  (``attention`` and ``name`` as in :func:`infer_spec`)."""
+  return infer_spec(module, variables, sample_input, apply_kwargs=apply_kwargs,
+                    attention=attention, name=name)

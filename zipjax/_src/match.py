@@ -13,9 +13,11 @@ keyword-only options build matchers, like optax's transformations::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
-from typing import Callable, Protocol
+import numbers
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import scipy.optimize
@@ -50,6 +52,34 @@ class WholeModelMatcher:
 
   def __repr__(self) -> str:
     return self.name
+
+
+def check_matcher(matcher: Any) -> None:
+  """Raises TypeError for something that is not a matcher, e.g. an uncalled factory."""
+  if isinstance(matcher, WholeModelMatcher):
+    return
+  name = getattr(matcher, "__name__", type(matcher).__name__)
+  if not callable(matcher):
+    raise TypeError(f"matcher must be a matcher such as zipjax.match.greedy(), got {name}.")
+  try:
+    params = inspect.signature(matcher).parameters.values()
+  except (TypeError, ValueError):
+    return
+  if not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+             for p in params):
+    raise TypeError(f"matcher={name} is a matcher factory, not a matcher: call it to get one, "
+                    f"e.g. matcher=zipjax.match.{name}() (options go in the call: "
+                    "greedy(alpha=0.3, beta=0.5)).")
+
+
+def _fraction(name: str, value: Any, *, low_open: bool) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"greedy({name}=...) must be a number, got {value!r}.")
+  value = float(value)
+  if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+    raise ValueError(f"greedy({name}=...) must lie in {'(0' if low_open else '[0'}, 1], "
+                     f"got {value}.")
+  return value
 
 
 def _merge_from_roots(root: np.ndarray, num_models: int) -> GroupMerge:
@@ -461,10 +491,8 @@ def greedy(*, alpha: float = 0.5, beta: float = 0.5) -> Matcher:
     alpha: in (0, 1]; how strongly merged features attract further merges.
     beta: in [0, 1]; the same-model budget. 0 forbids within-model merges (permutation).
   """
-  if not 0.0 < alpha <= 1.0:
-    raise ValueError(f"greedy(alpha=...) must lie in (0, 1], got {alpha}.")
-  if not 0.0 <= beta <= 1.0:
-    raise ValueError(f"greedy(beta=...) must lie in [0, 1], got {beta}.")
+  alpha = _fraction("alpha", alpha, low_open=True)
+  beta = _fraction("beta", beta, low_open=False)
 
   def matcher(corr, *, num_models: int) -> Merge:
     corr, _ = _check_corr(corr, num_models, np.float32)

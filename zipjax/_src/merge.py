@@ -214,3 +214,38 @@ def merge_from_groups(groups: Sequence[Sequence[int]], dim: int) -> GroupMerge:
   group = np.empty(dim, np.int64)
   group[members] = np.repeat(np.arange(n), sizes)
   return GroupMerge(group.reshape(dim // n, n))
+
+
+def identity_merge(width: int, num_models: int) -> GroupMerge:
+  """Feature j of every model merged with feature j of the others (weight averaging)."""
+  return GroupMerge(np.tile(np.arange(width, dtype=np.int32), (num_models, 1)))
+
+
+def compose(parts: Sequence[tuple[Merge, int]]) -> Merge:
+  """The merge of a space made of spaces: ``parts`` = [(merge, repeats)] in axis order.
+
+  The space is the concatenation of every part's features, each part tiled ``repeats``
+  times (a feature map of k positions flattened channels-last is one part repeated k
+  times), so its M and U are block-diagonal with one block per copy. Group merges give a
+  group merge (the ids offset block by block); otherwise a dense one.
+  """
+  if all(isinstance(m, GroupMerge) for m, _ in parts):
+    blocks, offset = [], 0
+    for merge, repeats in parts:
+      for _ in range(repeats):
+        blocks.append(np.asarray(merge.groups) + offset)
+        offset += merge.width
+    return GroupMerge(np.concatenate(blocks, axis=1))
+  num = parts[0][0].num_models
+  copies = [m for m, repeats in parts for _ in range(repeats)]
+  n = sum(m.width for m in copies)
+  M, U = np.zeros((n, num * n), np.float32), np.zeros((num * n, n), np.float32)
+  offset = 0
+  for merge in copies:
+    w = merge.width
+    mb, ub = merge.blocks()
+    for m in range(num):
+      M[offset:offset + w, m * n + offset:m * n + offset + w] = mb[m]
+      U[m * n + offset:m * n + offset + w, offset:offset + w] = ub[m]
+    offset += w
+  return DenseMerge(M, U)

@@ -20,7 +20,7 @@ from zipjax._src import spec as spec_lib
 def in_axes(variables: Any, stacked: frozenset) -> Any:
   """The vmap in_axes tree: 0 for stacked (head) leaves, None for trunk leaves."""
   flat = spec_lib.flatten(variables)
-  return spec_lib.unflatten({p: (0 if p in stacked else None) for p in flat})
+  return spec_lib.unflatten({p: (0 if p in stacked else None) for p in flat}, variables)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -56,11 +56,12 @@ class MultiHead:
   def head(self, m: int) -> dict:
     """Plain variables of the single model made of the trunk and head ``m``."""
     flat = spec_lib.flatten(self.variables)
-    return spec_lib.unflatten({p: (v[m] if p in self.stacked else v) for p, v in flat.items()})
+    return spec_lib.unflatten({p: (v[m] if p in self.stacked else v) for p, v in flat.items()},
+                              self.variables)
 
 
 def ensemble(variables_list: Sequence[Any], spec: spec_lib.Spec) -> MultiHead:
   """The N source models side by side, as a MultiHead with no shared trunk."""
   flats = spec_lib.check_models(spec, variables_list)
   stacked = {p: jnp.stack([jnp.asarray(f[p]) for f in flats]) for p in flats[0]}
-  return MultiHead(spec_lib.unflatten(stacked), spec, frozenset(stacked))
+  return MultiHead(spec_lib.unflatten(stacked, variables_list[0]), spec, frozenset(stacked))

@@ -19,6 +19,8 @@ Model code and spec read alike::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -50,10 +52,24 @@ BATCHNORM_EPSILON = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class Space:
-  """A feature space: ``width`` channels that one set of layers writes."""
+  """A feature space: ``width`` channels that one set of layers writes.
+
+  A space may be *made of spaces* (``parts``): the concatenation of other spaces' features,
+  each part ``(space, repeats)`` tiled ``repeats`` times in axis order. Concatenated branches
+  are ``parts=(("a", 1), ("b", 1))``; a (h, w, c) feature map flattened channels-last into a
+  Dense layer is ``parts=(("c", h * w),)``. A part given as an int is that many features
+  that no merge aligns (e.g. the model's input concatenated with a hidden space). Such a
+  space is not matched: its merge is built from its parts' (block-diagonal), so every
+  position of a flattened map gets the same merge.
+  """
 
   name: str
   width: int
+  parts: tuple[tuple[str | int, int], ...] = ()
+
+  @property
+  def is_composite(self) -> bool:
+    return bool(self.parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +88,35 @@ class Axis:
 LeafAxes = Mapping[int, Axis]
 
 
-def capture(module: nn.Module, space: str, x: jax.Array) -> None:
-  """Records ``x`` as features of ``space`` (channels last) from inside a linen module.
+_NNX_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "zipjax_capture", default=None)
 
-  Call it after the activation. A space may be captured at several places (a residual
-  stream after every block); all captures count as samples of the same space. Nothing is
-  recorded while the module is being initialised, so ``model.init`` stays clean.
+
+@contextlib.contextmanager
+def capturing():
+  """Collects the features that NNX modules ``capture`` while the block runs: yields
+  {space: [arrays]}."""
+  record: dict = {}
+  token = _NNX_CAPTURE.set(record)
+  try:
+    yield record
+  finally:
+    _NNX_CAPTURE.reset(token)
+
+
+def capture(module: Any, space: str, x: jax.Array) -> None:
+  """Records ``x`` as features of ``space`` (channels last) from inside a module.
+
+  Call it after the activation, in a flax.linen module's or an NNX module's ``__call__``. A
+  space may be captured at several places (a residual stream after every block); all
+  captures count as samples of the same space. It records nothing in any other call (a
+  linen ``init``, a user's own forward pass), so it leaves the model's state alone.
   """
+  if not isinstance(module, nn.Module):  # NNX: only while a spec's `features` runs
+    record = _NNX_CAPTURE.get()
+    if record is not None:
+      record.setdefault(space, []).append(x)
+    return
   if module.is_initializing() or not module.is_mutable_collection(FEATURES):
     return
   # Prefixed, so a space may share its name with a submodule of the capturing module.
@@ -99,10 +137,18 @@ def _axes(*entries: tuple[int, str, str | None]) -> dict[int, Axis]:
   return {axis: Axis(space, role) for axis, role, space in entries if space is not None}
 
 
+def _prefix(collection: str | None) -> Path:
+  return () if collection is None else (collection,)
+
+
 def dense(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
-          bias: bool = True) -> dict[Path, LeafAxes]:
-  """``nn.Dense``: kernel (in, out), bias (out)."""
-  p = ("params",) + _module_path(name)
+          bias: bool = True, collection: str | None = "params") -> dict[Path, LeafAxes]:
+  """``nn.Dense`` / ``nnx.Linear``: kernel (in, out), bias (out).
+
+  ``collection`` is the first key of the leaf paths: linen's "params"; None for an NNX
+  module's state, whose paths start at the module (``('fc', 'kernel')``).
+  """
+  p = _prefix(collection) + _module_path(name)
   leaves = {p + ("kernel",): _axes((-2, IN, in_space), (-1, OUT, out_space))}
   if bias:
     leaves[p + ("bias",)] = _axes((-1, OUT, out_space))
@@ -110,26 +156,32 @@ def dense(name: str | Sequence[str], in_space: str | None, out_space: str | None
 
 
 def conv(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
-         bias: bool = True) -> dict[Path, LeafAxes]:
-  """``nn.Conv`` of any spatial rank: kernel (*window, in, out), bias (out)."""
-  return dense(name, in_space, out_space, bias=bias)
+         bias: bool = True, collection: str | None = "params") -> dict[Path, LeafAxes]:
+  """``nn.Conv`` / ``nnx.Conv`` of any spatial rank: kernel (*window, in, out), bias (out)."""
+  return dense(name, in_space, out_space, bias=bias, collection=collection)
 
 
-def batchnorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
-  """``nn.BatchNorm`` on a space: scale, bias, mean (role 'out') and var (role 'var'), merged
-  together as the layer's per-feature affine map (see :class:`BatchNormLayer`)."""
+def batchnorm(name: str | Sequence[str], space: str, *,
+              collection: str | None = "params") -> dict[Path, LeafAxes]:
+  """``nn.BatchNorm`` / ``nnx.BatchNorm`` on a space: scale, bias, mean (role 'out') and var
+  (role 'var'), merged together as the layer's per-feature affine map (see
+  :class:`BatchNormLayer`). With ``collection=None`` (NNX) the statistics sit beside the
+  parameters; otherwise in linen's "batch_stats"."""
   p = _module_path(name)
+  params = _prefix(collection) + p
+  stats = p if collection is None else ("batch_stats",) + p
   return {
-      ("params",) + p + ("scale",): _axes((-1, OUT, space)),
-      ("params",) + p + ("bias",): _axes((-1, OUT, space)),
-      ("batch_stats",) + p + ("mean",): _axes((-1, OUT, space)),
-      ("batch_stats",) + p + ("var",): _axes((-1, VAR, space)),
+      params + ("scale",): _axes((-1, OUT, space)),
+      params + ("bias",): _axes((-1, OUT, space)),
+      stats + ("mean",): _axes((-1, OUT, space)),
+      stats + ("var",): _axes((-1, VAR, space)),
   }
 
 
-def layernorm(name: str | Sequence[str], space: str) -> dict[Path, LeafAxes]:
-  """``nn.LayerNorm`` over a space: scale and bias get M."""
-  p = ("params",) + _module_path(name)
+def layernorm(name: str | Sequence[str], space: str, *,
+              collection: str | None = "params") -> dict[Path, LeafAxes]:
+  """``nn.LayerNorm`` / ``nnx.LayerNorm`` over a space: scale and bias get M."""
+  p = _prefix(collection) + _module_path(name)
   return {p + ("scale",): _axes((-1, OUT, space)), p + ("bias",): _axes((-1, OUT, space))}
 
 
@@ -203,9 +255,15 @@ class Spec:
     stop_points: the spaces a partial zip may stop at, in network order.
     apply: ``apply(variables, x) -> outputs``, the model in inference mode.
     features: ``features(variables, x) -> {space: [arrays (..., width)]}``.
-    batchnorm_stats: ``batchnorm_stats(variables, x) -> {batch_stats path: (mean, var)}``,
-      computed with every BatchNorm layer normalising by the statistics of the batch.
+    batchnorm_stats: ``batchnorm_stats(variables, x) -> {leaf path: array}``: the batch mean
+      and variance of every BatchNorm layer (``('batch_stats', 'bn1', 'mean')`` and ``(...,
+      'var')`` in linen), computed with every BatchNorm layer normalising by the statistics
+      of the batch; ``{layer path: (mean, var)}`` is accepted too.
     name: a label for messages.
+    unmerged: {leaf path: {axis: why}} for parameter axes that carry features but stay
+      unmerged (filled by :func:`zipjax.infer_spec`; see :func:`zipjax.explain`).
+    example: shapes and dtypes (``jax.ShapeDtypeStruct``) of an input the spec was made on,
+      if known: error messages about calibration data show it.
 
   Specs hash by identity, so jitted passes are compiled once per spec.
   """
@@ -215,8 +273,10 @@ class Spec:
   stop_points: tuple[str, ...]
   apply: Callable[[Variables, Any], Any]
   features: Callable[[Variables, Any], Mapping[str, Sequence[jax.Array]]]
-  batchnorm_stats: Callable[[Variables, Any], Mapping[Path, tuple[jax.Array, jax.Array]]]
+  batchnorm_stats: Callable[[Variables, Any], Mapping[Path, Any]]
   name: str = "model"
+  unmerged: Mapping[Path, Mapping[int, str]] = dataclasses.field(default_factory=dict)
+  example: Any = None
 
   def __post_init__(self):
     names = [s.name for s in self.spaces]
@@ -230,6 +290,22 @@ class Spec:
           raise SpecError(
               f"Leaf {fmt_path(path)} axis {axis} names the unknown space {ax.space!r}; "
               f"declare it in `spaces` (known: {names}).")
+    composite = {s.name for s in self.spaces if s.parts}
+    for s in self.spaces:
+      if not s.parts:
+        continue
+      width = 0
+      for part, repeats in s.parts:
+        if isinstance(part, str):
+          if part not in known or part in composite or names.index(part) > names.index(s.name):
+            raise SpecError(f"Space {s.name!r} is made of {part!r}, which must be a space of "
+                            "its own (not made of spaces) declared before it.")
+          width += self.width(part) * repeats
+        else:
+          width += int(part) * repeats
+      if width != s.width:
+        raise SpecError(f"Space {s.name!r} has width {s.width}, but its parts {s.parts} add "
+                        f"up to {width}.")
     unknown_stops = [s for s in self.stop_points if s not in known]
     if unknown_stops:
       raise SpecError(f"Stop points {unknown_stops} are not spaces of spec {self.name!r} "
@@ -238,12 +314,46 @@ class Spec:
       self._check_stop_point(stop)
 
   def trunk_spaces(self, stop_at: str) -> tuple[str, ...]:
-    """The spaces a partial zip at ``stop_at`` merges: those up to it in network order."""
+    """The spaces a partial zip at ``stop_at`` merges: those up to it in network order, and
+    the spaces made of them."""
     if stop_at not in self.stop_points:
       raise SpecError(f"stop_at={stop_at!r} is not a stop point of {self.name!r}; valid stop "
                       f"points, in network order: {list(self.stop_points)}.")
     names = self.space_names
-    return names[:names.index(stop_at) + 1]
+    base = [n for n in names[:names.index(stop_at) + 1] if not self.space(n).parts]
+    made = [s.name for s in self.spaces if s.parts and all(
+        p in base for p, _ in s.parts if isinstance(p, str))]
+    return tuple(n for n in names if n in base or n in made)
+
+  @property
+  def matched_spaces(self) -> tuple[str, ...]:
+    """The spaces a matcher merges: every space not made of other spaces."""
+    return tuple(s.name for s in self.spaces if not s.parts)
+
+  def space(self, name: str) -> Space:
+    for s in self.spaces:
+      if s.name == name:
+        return s
+    raise SpecError(f"Unknown space {name!r}; the spaces of {self.name!r} are "
+                    f"{list(self.space_names)}.")
+
+  def composed(self, merges: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``merges`` with the merge of every space of ``names`` made of spaces added, built from
+    its parts' merges (see :class:`Space`)."""
+    from zipjax._src import merge as merge_lib  # pylint: disable=g-import-not-at-top
+    out = dict(merges)
+    for name in names:
+      s = self.space(name)
+      if not s.parts or name in out:
+        continue
+      missing = [p for p, _ in s.parts if isinstance(p, str) and p not in out]
+      if missing:
+        raise SpecError(f"Space {name!r} is made of {missing}, which have no merges.")
+      num = next(m.num_models for m in out.values())
+      out[name] = merge_lib.compose([
+          (out[p] if isinstance(p, str) else merge_lib.identity_merge(int(p), num), repeats)
+          for p, repeats in s.parts])
+    return out
 
   def is_trunk_leaf(self, path: Path, trunk: Sequence[str]) -> bool:
     """Whether a leaf belongs to the merged trunk: it writes a trunk space."""
@@ -252,8 +362,17 @@ class Spec:
   def _check_stop_point(self, stop: str) -> None:
     names = self.space_names
     index = {n: i for i, n in enumerate(names)}
-    found = bypassing_leaf({p: [(index[ax.space], ax.role) for ax in axes.values()]
-                            for p, axes in self.leaves.items()}, index[stop])
+    if self.space(stop).parts:
+      raise SpecError(f"{stop!r} is made of other spaces; it cannot be a stop point.")
+
+    def entries(axes):  # a space made of spaces counts as its parts
+      for ax in axes.values():
+        parts = [p for p, _ in self.space(ax.space).parts if isinstance(p, str)]
+        for n in parts or [ax.space]:
+          yield index[n], ax.role
+
+    found = bypassing_leaf({p: list(entries(axes)) for p, axes in self.leaves.items()},
+                           index[stop])
     if found:
       path, bad = found
       raise SpecError(
@@ -275,11 +394,7 @@ class Spec:
     return tuple(bn for bn in self._batchnorms if trunk is None or bn.space in trunk)
 
   def width(self, space: str) -> int:
-    for s in self.spaces:
-      if s.name == space:
-        return s.width
-    raise SpecError(f"Unknown space {space!r}; the spaces of {self.name!r} are "
-                    f"{list(self.space_names)}.")
+    return self.space(space).width
 
   def leaf_axes(self, path: Path, ndim: int) -> dict[int, Axis]:
     """The axes of one leaf with non-negative indices."""
@@ -369,8 +484,8 @@ def linen_spec(module: nn.Module, *, spaces: Iterable[Space],
 
 def _model_vars(variables):
   """Drops a stale features collection (e.g. from a user's own init) before applying."""
-  if FEATURES in variables:
-    return {k: v for k, v in variables.items() if k != FEATURES}
+  if isinstance(variables, Mapping) and FEATURES in variables:
+    return type(variables)({k: v for k, v in variables.items() if k != FEATURES})
   return variables
 
 
@@ -379,19 +494,39 @@ def _model_vars(variables):
 
 
 def flatten(variables: Variables) -> dict[Path, Any]:
-  """{path of str keys: leaf} of a variables tree (features collection excluded)."""
-  return {_path_names(path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(_model_vars(variables))[0]}
+  """{path of str keys: leaf} of any pytree of arrays (a linen features collection excluded).
+
+  Leaves are named by their key paths: dict keys, sequence indices, attribute and dataclass
+  field names, so ``[(W, b), ...]`` gives ('0', '0'), ('0', '1'), ... An NNX ``Variable``'s
+  ``value`` attribute is left out of the name: ``('conv', 'kernel')``, as in linen.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(_model_vars(variables))[0]
+  flat = {_path_names(path): leaf for path, leaf in leaves}
+  if len(flat) != len(leaves):
+    seen: dict = {}
+    for path, _ in leaves:
+      seen.setdefault(_path_names(path), []).append(jax.tree_util.keystr(path))
+    dupes = [v for v in seen.values() if len(v) > 1]
+    raise SpecError(f"Leaves {dupes[0]} have the same name; zipjax addresses leaves by the "
+                    "names on their key paths. Rename one of them.")
+  return flat
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _path_names(path: tuple) -> Path:
   """The str keys of a jax.tree_util key path (cached: every zip flattens the same paths)."""
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"):
+    path = path[:-1]  # an NNX Variable or a linen nn.Partitioned box: named by its owner
   return tuple(key_name(k) for k in path)
 
 
-def unflatten(flat: Mapping[Path, Any]) -> dict:
-  """The inverse of :func:`flatten` for nested dicts."""
+def unflatten(flat: Mapping[Path, Any], like: Any = None) -> Any:
+  """The inverse of :func:`flatten`: a tree with the structure of ``like`` (any pytree whose
+  :func:`flatten` has the same paths) holding the leaves of ``flat``, or nested dicts."""
+  if like is not None:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_model_vars(like))
+    return jax.tree_util.tree_unflatten(treedef, [flat[_path_names(p)] for p, _ in leaves])
   tree: dict = {}
   for path, leaf in flat.items():
     node = tree
@@ -441,6 +576,16 @@ def validate_flat(spec: Spec, flat: Mapping[Path, Any], *,
   return flat
 
 
+def check_order(models: Any, spec: Any, call: str, *, spec_optional: bool = False) -> None:
+  """Raises TypeError when a spec is passed where models go, or the reverse."""
+  first = models[0] if isinstance(models, (list, tuple)) and models else models
+  if isinstance(first, Spec) or not (isinstance(spec, Spec) or
+                                     (spec_optional and spec is None)):
+    raise TypeError(f"Arguments in the wrong order: the call is {call} (the models first, then "
+                    f"the spec); got a {type(first).__name__} first and a "
+                    f"{type(spec).__name__} as the spec.")
+
+
 def check_same_structure(variables_list: Sequence[Variables]) -> list[dict[Path, Any]]:
   """Flattens N variables trees and checks they have the same leaves and shapes."""
   flats = [flatten(v) for v in variables_list]
@@ -453,6 +598,12 @@ def check_same_structure(variables_list: Sequence[Variables]) -> list[dict[Path,
           f"Models 0 and {m} have different variables trees (different architectures?).\n"
           f"  only in model 0: {only_0[:12]}\n  only in model {m}: {only_m[:12]}")
     for p in ref:
+      da, dm = jnp.result_type(ref[p]), jnp.result_type(flat[p])
+      if da != dm:
+        raise MismatchError(
+            f"Leaf {fmt_path(p)} is {da} in model 0 but {dm} in model {m}. zipjax merges "
+            "models of one dtype (the merged model has it too); cast one model first, e.g. "
+            f"jax.tree.map(lambda w: w.astype(jnp.{da}), variables_{m}).")
       if np.shape(ref[p]) != np.shape(flat[p]):
         raise MismatchError(
             f"Leaf {fmt_path(p)} has shape {np.shape(ref[p])} in model 0 but "
@@ -499,10 +650,28 @@ def check_models(spec: Spec, variables_list: Sequence[Any], *,
 
 
 def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:
-  """One random permutation per space."""
-  keys = jax.random.split(key, len(spec.spaces))
-  return {s.name: np.asarray(jax.random.permutation(k, s.width))
-          for s, k in zip(spec.spaces, keys)}
+  """One random permutation per space (a space made of spaces permutes as its parts)."""
+  base = [s for s in spec.spaces if not s.parts]
+  keys = jax.random.split(key, max(len(base), 1))
+  perms = {s.name: np.asarray(jax.random.permutation(k, s.width)) for s, k in zip(base, keys)}
+  return composed_permutations(spec, perms)
+
+
+def composed_permutations(spec: Spec, perms: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``perms`` with the permutation of every space made of spaces in ``perms`` added."""
+  out = dict(perms)
+  for s in spec.spaces:
+    if not s.parts or s.name in out or not any(p in perms for p, _ in s.parts):
+      continue
+    pieces, offset = [], 0
+    for part, repeats in s.parts:
+      width = spec.width(part) if isinstance(part, str) else int(part)
+      perm = np.asarray(perms[part]) if part in perms else np.arange(width)
+      for _ in range(repeats):
+        pieces.append(perm + offset)
+        offset += width
+    out[s.name] = np.concatenate(pieces)
+  return out
 
 
 def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = None, *,
@@ -514,8 +683,7 @@ def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = Non
   """
   if (key is None) == (perms is None):
     raise ValueError("permute_spaces needs exactly one of `key` or `perms`.")
-  if perms is None:
-    perms = random_permutations(spec, key)
+  perms = random_permutations(spec, key) if perms is None else composed_permutations(spec, perms)
   flat = validate(spec, variables)
   out = {}
   for path, leaf in flat.items():
@@ -524,7 +692,7 @@ def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = Non
       if ax.space in perms:
         leaf = jnp.take(leaf, jnp.asarray(perms[ax.space]), axis=axis)
     out[path] = leaf
-  return unflatten(out)
+  return unflatten(out, variables)
 
 
 def _max_rel_diff(a, b) -> float:
@@ -533,29 +701,105 @@ def _max_rel_diff(a, b) -> float:
   return max(jax.tree_util.tree_leaves(diffs), default=0.0)
 
 
-def check_spec(spec: Spec, variables: Variables, x: Any, *, key: jax.Array | None = None,
-               rtol: float = 1e-4) -> None:
-  """Raises SpecError if permuting the spaces of ``spec`` changes the model's outputs.
+def randomized(variables: Variables, key: jax.Array) -> Any:
+  """``variables`` with every float leaf perturbed at its own scale, signs kept where a leaf
+  has one sign (BatchNorm variances stay positive): statistics and biases that init sets to
+  0 and 1 are no longer special, so a spec that leaves them out fails :func:`check_spec`."""
+  flat = flatten(variables)
+  keys = jax.random.split(key, max(len(flat), 1))
+  out = {}
+  for k, (path, leaf) in zip(keys, flat.items()):
+    leaf = jnp.asarray(leaf)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
+      out[path] = leaf
+      continue
+    noise = jax.random.normal(k, leaf.shape, jnp.float32)
+    x = leaf.astype(jnp.float32)
+    if bool(jnp.all(x > 0)) or bool(jnp.all(x < 0)):
+      new = x * jnp.exp(0.3 * noise)
+    else:
+      scale = jnp.std(x)
+      new = x + jnp.where(scale > 0, 0.3 * scale, 0.1) * noise
+    out[path] = new.astype(leaf.dtype)
+  return unflatten(out, variables)
 
-  A correct spec describes symmetries of the model: permuting any space, with every axis that
-  writes or reads it, leaves the function unchanged. On failure the error names the spaces
-  whose permutation alone breaks the model.
+
+def check_spec(variables: Variables, spec: Spec, x: Any, *, key: jax.Array | None = None,
+               rtol: float = 1e-4, randomize: bool = True) -> None:
+  """Raises SpecError if the spec does not describe the model's symmetries and captures.
+
+  A correct spec describes symmetries of the model: permuting any space, with every axis
+  that writes or reads it, leaves the function unchanged. The check runs the model on ``x``
+  with its spaces permuted at random, on variables whose every float leaf is perturbed
+  first (``randomize``), so a BatchNorm statistic or a bias left out of the spec changes
+  the outputs even when the variables come straight from ``init`` (zeros and ones). It also
+  checks that every space of the spec is captured, with features of its width.
+
+  Arguments:
+    variables: one model's variables (any pytree of arrays; an NNX module is split).
+    spec: its spec.
+    x: an input batch.
+    key: the randomness of the permutations and perturbations (default: key 0).
+    rtol: the largest relative change of the outputs that passes.
+    randomize: perturb the variables first (turn off only for hand-set variables).
+
+  Raises:
+    SpecError: naming the spaces whose permutation alone changes the outputs, or the spaces
+      that are never captured or captured at the wrong width. TypeError: arguments in the
+      wrong order (the order is check_spec(variables, spec, x)).
   """
+  if isinstance(variables, Spec) or not isinstance(spec, Spec):
+    raise TypeError("Arguments in the wrong order: the call is check_spec(variables, spec, x) "
+                    f"(the model first, then the spec); got a {type(variables).__name__} and a "
+                    f"{type(spec).__name__}.")
+  if _is_nnx_module(variables):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    variables = nnx.split(variables, (nnx.Param, nnx.BatchStat), ...)[1]
   if key is None:
     key = jax.random.key(0)
+  perm_key, noise_key = jax.random.split(key)
   validate(spec, variables)
+  if randomize:
+    variables = randomized(variables, noise_key)
+  _check_captures(spec, variables, x)
   apply = jax.jit(spec.apply)
   ref = apply(variables, x)
-  perms = random_permutations(spec, key)
+  perms = random_permutations(spec, perm_key)
   diff = _max_rel_diff(ref, apply(permute_spaces(variables, spec, perms=perms), x))
   if not math.isfinite(diff) or diff > rtol:
     culprits = []
-    for name, perm in perms.items():
-      d = _max_rel_diff(ref, apply(permute_spaces(variables, spec, perms={name: perm}), x))
+    for name in spec.matched_spaces:
+      d = _max_rel_diff(ref, apply(permute_spaces(variables, spec, perms={name: perms[name]}),
+                                   x))
       if not math.isfinite(d) or d > rtol:
         culprits.append(f"{name} (relative change {d:.3g})")
     raise SpecError(
         f"Spec {spec.name!r} is wrong: permuting its spaces changes the model's outputs by "
         f"{diff:.3g} (relative; tolerance {rtol}). Spaces whose permutation alone changes the "
         f"outputs: {culprits or 'none alone; check spaces that share a leaf'}. Check that every "
-        "layer writing such a space has an 'out' axis and every layer reading it an 'in' axis.")
+        "layer writing such a space has an 'out' axis and every layer reading it an 'in' axis, "
+        "and that every leaf that depends on a space's order (a bias, a BatchNorm statistic) "
+        "has an axis on it.")
+
+
+def _is_nnx_module(x: Any) -> bool:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return isinstance(x, nnx.Module)
+
+
+def _check_captures(spec: Spec, variables: Variables, x: Any) -> None:
+  feats = jax.eval_shape(spec.features, variables, x)
+  missing = [n for n in spec.matched_spaces if not feats.get(n)]
+  unknown = sorted(n for n in feats if n not in spec.space_names)
+  if missing or unknown:
+    raise SpecError(
+        f"Spec {spec.name!r}: " + (f"spaces {missing} are never captured. " if missing else "")
+        + (f"The model captures {unknown}, which the spec does not declare. " if unknown
+           else "")
+        + "Call zipjax.spec.capture(self, name, y) once per space, after its activation, with "
+        f"the names the spec declares: {list(spec.space_names)}.")
+  for n in spec.matched_spaces:
+    for f in feats[n]:
+      if not f.shape or f.shape[-1] != spec.width(n):
+        raise SpecError(f"Spec {spec.name!r}: space {n!r} has width {spec.width(n)}, but it is "
+                        f"captured with shape {tuple(f.shape)} (channels must be last).")

@@ -233,7 +233,7 @@ def auto_microbatch(spec: spec_lib.Spec, models: Sequence[Any], x: Any,
   return shards * (1 << (fit.bit_length() - 1))
 
 
-def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iterable[Any], *,
+def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iterable[Any], *,
                   spaces: Sequence[str] | None = None, progress: bool = False,
                   mesh: Mesh | None = None,
                   microbatch: int | str | None = "auto") -> dict[str, FeatureStats]:
@@ -247,8 +247,8 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
   ``jax.make_array_from_process_local_data``, each host feeding its shard of the data.
 
   Args:
-    spec: the models' zip spec.
     variables_list: the N models' variables.
+    spec: the models' zip spec.
     data: a re-iterable collection of calibration batches.
     spaces: the spaces to compute (default: all of the spec's).
     progress: show a tqdm progress bar.
@@ -267,7 +267,8 @@ def compute_stats(spec: spec_lib.Spec, variables_list: Sequence[Any], data: Iter
   device. Raises DataError if the data is empty or one-shot, or if any space's features are
   not finite.
   """
-  names = tuple(spaces if spaces is not None else spec.space_names)
+  spec_lib.check_order(variables_list, spec, "compute_stats(variables_list, spec, data)")
+  names = tuple(spaces if spaces is not None else spec.matched_spaces)
   for n in names:
     spec.width(n)
   auto = isinstance(microbatch, str) and microbatch == "auto"

@@ -22,7 +22,8 @@ def weight_matching(*, max_iterations: int = 100,
   """A whole-model matcher: permutes model B's spaces onto model A's by weight similarity.
 
   Used as ``zipjax.zip(va, vb, spec, data=..., matcher=zipjax.match.weight_matching())``;
-  it needs no features. Only the ``params`` collection is compared. For two models only.
+  it needs no features. Parameters are compared, BatchNorm statistics are not. For two
+  models only.
   """
 
   def matcher(spec: spec_lib.Spec, variables_list: Sequence[Any], *,
@@ -31,8 +32,9 @@ def weight_matching(*, max_iterations: int = 100,
       raise ValueError(f"weight_matching() aligns model B to model A, so it merges exactly 2 "
                        f"models; got {len(variables_list)}. Use greedy() or permute().")
     fa, fb = (spec_lib.flatten(v) for v in variables_list)
+    stats = {p for bn in spec.batchnorm_layers() for p in (bn.mean, bn.var)}
     leaves = {p: (np.asarray(fa[p], np.float64), np.asarray(fb[p], np.float64))
-              for p in fa if p[0] == "params" and spec.leaves[p]}
+              for p in fa if p[0] != "batch_stats" and p not in stats and spec.leaves[p]}
     perms = {s: np.arange(spec.width(s)) for s in spaces}
     touching = {s: [(p, a) for p, (wa, _) in leaves.items()
                     for a, ax in spec.leaf_axes(p, wa.ndim).items() if ax.space == s]

@@ -10,7 +10,9 @@ from jax.sharding import Mesh
 from zipjax._src import apply as apply_lib
 from zipjax._src import batchnorm as bn_lib
 from zipjax._src import data as data_lib
+from zipjax._src import explain as explain_lib
 from zipjax._src import match as match_lib
+from zipjax._src import nnx as nnx_lib
 from zipjax._src import spec as spec_lib
 from zipjax._src import stats as stats_lib
 from zipjax._src.multihead import MultiHead
@@ -19,8 +21,9 @@ from zipjax._src.multihead import MultiHead
 def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: int,
                    matcher: Callable | None = None,
                    progress: bool = False) -> dict[str, match_lib.Merge]:
-  """One Merge per space from its statistics."""
+  """One Merge per space from its statistics (see :func:`zipjax.compute_stats`)."""
   matcher = matcher or match_lib.greedy()
+  match_lib.check_matcher(matcher)
   items = stats.items()
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -29,62 +32,115 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
           for name, s in items}
 
 
-def zip_many(variables_list: Sequence[Any], spec: spec_lib.Spec, *, data: Iterable[Any],
+def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
              reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-             microbatch: int | str | None = "auto") -> dict | MultiHead:
-  """Merges N >= 2 models of the same architecture into one, without training.
+             microbatch: int | str | None = "auto") -> Any:
+  """Merges N >= 2 models of one architecture into one, without training.
 
-  Args:
-    variables_list: the models' variables ({'params': ..., 'batch_stats': ...}).
-    spec: the models' zip spec (from ``zipjax.models`` or ``zipjax.spec.linen_spec``).
-    data: a re-iterable collection of calibration batches (arrays, (inputs, labels) tuples
-      or dicts with an 'image' entry). It is passed over twice.
-    matcher: a per-space matcher such as ``zipjax.match.greedy()`` (the default), or a
-      whole-model matcher such as ``zipjax.match.weight_matching()``.
-    stop_at: a partial zip: merge the spaces up to this stop point (``spec.stop_points``)
-      and keep the rest of every model as its own head.
-    reset_bn: recompute the merged model's BatchNorm statistics over ``data``.
-    progress: show tqdm progress bars.
-    mesh: the devices the passes over ``data`` (statistics, BatchNorm reset) run on,
-      data-parallel: batches sharded over the mesh's "data" axis, variables replicated
-      (default: all local devices; a one-device mesh is the plain path). Matching runs on the
-      host and the zip kernels once, where the variables are. On several hosts, pass a mesh
-      over every process's devices and batches made with
-      ``jax.make_array_from_process_local_data``; see :func:`zipjax.compute_stats`.
-    microbatch: the feature statistics take every batch in parts of at most this many
-      examples; None takes whole batches, "auto" (the default) whole batches on accelerators
-      and, on the CPU, parts whose features fit in 32 MiB a device (see
-      :func:`zipjax.compute_stats`). The BatchNorm reset
-      always takes whole batches: its result depends on the batches.
-
-  Returns:
-    A full zip: variables with the same tree structure, shapes and dtypes as each input. A
-    partial zip: a MultiHead whose ``apply(x)`` gives one output per source model.
+  The arguments are those of :func:`zipjax.zip`, with ``models`` a sequence of N variables
+  trees (or N NNX modules). Returns what :func:`zipjax.zip` returns: merged variables with
+  the inputs' structure (an NNX module for NNX modules), or a MultiHead for a partial zip.
   """
-  spec_lib.check_models(spec, variables_list)
-  data_lib.check_reiterable(data)
-  spaces = spec.space_names if stop_at is None else spec.trunk_spaces(stop_at)
+  spec_lib.check_order(models, spec, "zip(model_a, model_b, spec, data=...) / zip_many("
+                       "models, spec, data=...)", spec_optional=True)
+  if isinstance(models, Mapping):
+    raise TypeError(f"zip_many takes a sequence of models, got a dict with keys "
+                    f"{sorted(models)[:6]}; pass list(models.values()).")
+  models = list(models)
+  if len(models) < 2:
+    raise ValueError(f"Zipping needs at least 2 models, got {len(models)}.")
+  data_lib.check_form(data)
+  if matcher is not None:
+    match_lib.check_matcher(matcher)
+  graphdef = rest = None
+  if any(nnx_lib.is_module(m) for m in models):
+    graphdef, models, rest = nnx_lib.split_models(models)
+    if spec is None:
+      spec = nnx_lib.infer_nnx_spec(nnx_lib.merge(graphdef, models[0], rest),
+                                    data_lib.first_input(data, what="inferring a spec"))
+  elif spec is None:
+    raise TypeError("zip needs the models' spec: zipjax.models.* return one with the module, "
+                    "zipjax.infer_spec(module_or_apply_fn, variables, x) infers one, "
+                    "zipjax.spec.linen_spec declares one. (NNX modules need none.)")
+  spec_lib.check_models(spec, models)
+  explain_lib.check_merges_something(spec)
+  explain_lib.warn_unmerged(explain_lib.explain(models[0], spec, stop_at=stop_at))
+  data_lib.check_fits(data, spec.apply, models[0], example=spec.example)
+  spaces = spec.trunk_spaces(stop_at) if stop_at is not None else spec.space_names
+  spaces = tuple(s for s in spaces if not spec.space(s).parts)  # the others are composed
   matcher = matcher or match_lib.greedy()
   if isinstance(matcher, match_lib.WholeModelMatcher):
-    merges = matcher(spec, variables_list, spaces=spaces)
+    merges = matcher(spec, models, spaces=spaces)
   else:
-    stats = stats_lib.compute_stats(spec, variables_list, data, spaces=spaces,
-                                    progress=progress, mesh=mesh, microbatch=microbatch)
-    merges = compute_merges(stats, num_models=len(variables_list), matcher=matcher,
+    stats = stats_lib.compute_stats(models, spec, data, spaces=spaces, progress=progress,
+                                    mesh=mesh, microbatch=microbatch)
+    merges = compute_merges(stats, num_models=len(models), matcher=matcher,
                             progress=progress)
-  merged = apply_lib.apply_merges(spec, variables_list, merges, stop_at=stop_at)
+  merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at)
   if reset_bn:
-    merged = bn_lib.reset_batchnorm(spec, merged, data, progress=progress, mesh=mesh)
+    merged = bn_lib.reset_batchnorm(merged, spec, data, progress=progress, mesh=mesh)
+  if graphdef is not None and not isinstance(merged, MultiHead):
+    return nnx_lib.merge(graphdef, merged, rest)
   return merged
 
 
-def zip(variables_a: Any, variables_b: Any, spec: spec_lib.Spec, *,  # pylint: disable=redefined-builtin
+def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
         reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-        microbatch: int | str | None = "auto") -> dict | MultiHead:
-  """Merges two models into one (or a two-headed model with ``stop_at``); see
-  :func:`zip_many`."""
-  return zip_many([variables_a, variables_b], spec, data=data, matcher=matcher,
-                  stop_at=stop_at, reset_bn=reset_bn, progress=progress, mesh=mesh,
-                  microbatch=microbatch)
+        microbatch: int | str | None = "auto") -> Any:
+  """Merges two models trained separately into one model (ZipIt!), without training.
+
+  Feature statistics of every space are computed over ``data``; the matcher pairs each
+  model's features with correlated features of either model; every layer is zipped with
+  those merges; the merged model's BatchNorm statistics are recomputed over ``data``.
+
+  Arguments:
+    model_a, model_b: the two models: variables trees of one architecture (any pytree of
+      arrays: linen ``{'params': ..., 'batch_stats': ...}``, lists of tuples, dataclasses,
+      ...), or two ``flax.nnx`` modules.
+    spec: the models' zip spec: from ``zipjax.models``, :func:`zipjax.infer_spec` or
+      declared with ``zipjax.spec``. Optional for NNX modules (inferred from their forward
+      pass on the first calibration batch; pass one to reuse compiled programs across calls).
+    data: the calibration data: a re-iterable collection of batches (a list; each batch an
+      input array with a leading batch axis, an (inputs, labels) tuple, or a dict with an
+      'image', 'x' or 'inputs' entry). zip passes over it twice.
+    matcher: a per-space matcher such as ``zipjax.match.greedy()`` (the default, alpha =
+      beta = 0.5) or ``zipjax.match.permute()``, or a whole-model matcher such as
+      ``zipjax.match.weight_matching()``.
+    stop_at: a partial zip: merge the spaces up to this stop point (``spec.stop_points``)
+      and keep the rest of each model as its own head.
+    reset_bn: recompute the merged model's BatchNorm statistics over ``data``.
+    progress: show tqdm progress bars.
+    mesh: the devices the passes over ``data`` run on, data-parallel (default: all local
+      devices); see :func:`zipjax.compute_stats`.
+    microbatch: the statistics pass takes batches in parts of at most this many examples
+      (None: whole batches; "auto": whole on accelerators, parts of at most 32 MiB of
+      features on the CPU).
+
+  Returns:
+    A full zip: merged variables with the structure, shapes and dtypes of ``model_a`` (an NNX
+    module for NNX modules), runnable like either source model. A partial zip: a
+    :class:`zipjax.MultiHead` whose ``apply(x)`` gives one output per source model.
+
+  Raises:
+    SpecError: the spec does not describe the models, or merges no space at all (that would
+      be plain weight averaging). MismatchError: the models differ in structure, shapes or
+      dtypes, or hold NaN or infinity. DataError: calibration data of the wrong form (one
+      array, one (x, y) batch, a one-shot iterator, empty) or shape. TypeError: arguments in
+      the wrong order, or a matcher factory passed uncalled.
+
+  Warns:
+    UnmergedWarning: some weights are only averaged because axes that carry features stay
+      unmerged (``print(zipjax.explain(variables, spec))`` shows which and why).
+
+  Example::
+
+    model, spec = zipjax.models.resnet20(width=4)
+    merged = zipjax.zip(variables_a, variables_b, spec, data=batches)
+    logits = model.apply(merged, x)
+    heads = zipjax.zip(variables_a, variables_b, spec, data=batches, stop_at="stage2")
+    logits_a, logits_b = heads.apply(x)
+  """
+  return zip_many([model_a, model_b], spec, data=data, matcher=matcher, stop_at=stop_at,
+                  reset_bn=reset_bn, progress=progress, mesh=mesh, microbatch=microbatch)

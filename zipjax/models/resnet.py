@@ -10,7 +10,9 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 
+from zipjax._src import nnx as nnx_lib
 from zipjax._src import spec as S
 
 
@@ -69,29 +71,120 @@ def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spe
   Cached: the same arguments give the same (module, spec) objects, so the programs zipjax
   compiled for one call serve the next (a spec is hashed by identity)."""
   module = ResNet20(width=width, num_outputs=num_outputs)
+  spaces, leaves = _resnet20_spec_parts(width, collection="params")
+  return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
+                              stop_points=[f"stage{s}" for s in (1, 2, 3)],
+                              name=f"resnet20x{width:g}")
+
+
+def _resnet20_spec_parts(width: float, *, collection: str | None):
+  """The spaces and leaves of ResNet-20: linen's paths, or NNX's (``collection=None``)."""
+  conv = functools.partial(S.conv, bias=False, collection=collection)
+  bn = functools.partial(S.batchnorm, collection=collection)
   widths = _resnet20_widths(width)
   spaces, leaves = [], {}
-  leaves.update(S.conv("stem_conv", None, "stage1", bias=False))
-  leaves.update(S.batchnorm("stem_bn", "stage1"))
+  leaves.update(conv("stem_conv", None, "stage1"))
+  leaves.update(bn("stem_bn", "stage1"))
   prev = "stage1"
   for s, w in enumerate(widths, start=1):
     stream = f"stage{s}"
     for b in range(3):
       blk = inner = f"stage{s}_block{b}"
       spaces.append(S.Space(inner, w))
-      leaves.update(S.conv(f"{blk}/conv1", prev, inner, bias=False))
-      leaves.update(S.batchnorm(f"{blk}/bn1", inner))
-      leaves.update(S.conv(f"{blk}/conv2", inner, stream, bias=False))
-      leaves.update(S.batchnorm(f"{blk}/bn2", stream))
+      leaves.update(conv(f"{blk}/conv1", prev, inner))
+      leaves.update(bn(f"{blk}/bn1", inner))
+      leaves.update(conv(f"{blk}/conv2", inner, stream))
+      leaves.update(bn(f"{blk}/bn2", stream))
       if prev != stream:
-        leaves.update(S.conv(f"{blk}/shortcut_conv", prev, stream, bias=False))
-        leaves.update(S.batchnorm(f"{blk}/shortcut_bn", stream))
+        leaves.update(conv(f"{blk}/shortcut_conv", prev, stream))
+        leaves.update(bn(f"{blk}/shortcut_bn", stream))
       prev = stream
     spaces.append(S.Space(stream, w))  # network order: after the stage's inner spaces
-  leaves.update(S.dense("head", prev, None))
-  return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
-                              stop_points=[f"stage{s}" for s in (1, 2, 3)],
-                              name=f"resnet20x{width:g}")
+  leaves.update(S.dense("head", prev, None, collection=collection))
+  return spaces, leaves
+
+
+class NNXBasicBlock(nnx.Module):
+  """:class:`BasicBlock` as an NNX module, with the same names."""
+
+  def __init__(self, in_features: int, features: int, strides: int, stream: str, inner: str,
+               *, rngs: nnx.Rngs):
+    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), use_bias=False, rngs=rngs)
+    bn = functools.partial(nnx.BatchNorm, momentum=0.9, use_fast_variance=False, rngs=rngs)
+    self.stream, self.inner = stream, inner
+    self.conv1 = conv(in_features, features, strides=strides)
+    self.bn1 = bn(features)
+    self.conv2 = conv(features, features)
+    self.bn2 = bn(features)
+    self.projects = strides != 1 or in_features != features
+    if self.projects:
+      self.shortcut_conv = conv(in_features, features, strides=strides)
+      self.shortcut_bn = bn(features)
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    S.capture(self, self.inner, y)
+    y = self.bn2(self.conv2(y))
+    if self.projects:
+      x = self.shortcut_bn(self.shortcut_conv(x))
+    y = nnx.relu(y + x)
+    S.capture(self, self.stream, y)
+    return y
+
+
+class NNXResNet20(nnx.Module):
+  """:class:`ResNet20` as an NNX module: the same layers, names and function, so the state of
+  one holds the linen model's ``params`` and ``batch_stats`` without their collection keys.
+  ``module.train()`` / ``module.eval()`` switch BatchNorm as usual."""
+
+  def __init__(self, width: float = 1.0, num_outputs: int = 10, *, rngs: nnx.Rngs):
+    widths = _resnet20_widths(width)
+    self.stem_conv = nnx.Conv(3, widths[0], (3, 3), use_bias=False, rngs=rngs)
+    self.stem_bn = nnx.BatchNorm(widths[0], momentum=0.9, use_fast_variance=False, rngs=rngs)
+    self.blocks = []
+    prev = widths[0]
+    for s, w in enumerate(widths, start=1):
+      for b in range(3):
+        name = f"stage{s}_block{b}"
+        setattr(self, name, NNXBasicBlock(prev, w, 2 if (s > 1 and b == 0) else 1,
+                                          stream=f"stage{s}", inner=name, rngs=rngs))
+        self.blocks.append(name)
+        prev = w
+    self.head = nnx.Linear(prev, num_outputs, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem_bn(self.stem_conv(x.astype(jnp.float32))))
+    S.capture(self, "stage1", x)
+    for name in self.blocks:
+      x = getattr(self, name)(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def nnx_resnet20(width: float = 1.0, num_outputs: int = 10, *,
+                 rngs: nnx.Rngs) -> tuple[NNXResNet20, S.Spec]:
+  """CIFAR ResNet-20 as a Flax NNX module, initialised from ``rngs``, and its spec.
+
+  The spec is shared by every module of these arguments (cached, like :func:`resnet20`'s), so
+  zips of other pairs reuse the programs compiled for the first. Merges exactly like the
+  linen :func:`resnet20` on the same weights.
+
+  Example::
+
+    model_a, spec = zipjax.models.nnx_resnet20(width=4, rngs=nnx.Rngs(0))
+    model_b, _ = zipjax.models.nnx_resnet20(width=4, rngs=nnx.Rngs(1))
+    ...  # train both
+    merged = zipjax.zip(model_a, model_b, spec, data=batches)   # an NNXResNet20
+  """
+  return NNXResNet20(width, num_outputs, rngs=rngs), _nnx_resnet20_spec(width, num_outputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _nnx_resnet20_spec(width: float, num_outputs: int) -> S.Spec:
+  abstract = nnx.eval_shape(lambda: NNXResNet20(width, num_outputs, rngs=nnx.Rngs(0)))
+  spaces, leaves = _resnet20_spec_parts(width, collection=None)
+  return nnx_lib.nnx_spec(abstract, spaces=spaces, leaves=leaves,
+                          stop_points=[f"stage{s}" for s in (1, 2, 3)],
+                          name=f"nnx_resnet20x{width:g}")
 
 
 class Bottleneck(nn.Module):

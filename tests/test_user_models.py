@@ -1,0 +1,465 @@
+"""Models users bring, written here and not in the zoo: any pytree comes back as it went in,
+Flax NNX modules merge like linen ones, and every mistake gets an error that names it."""
+
+import typing
+import warnings
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zipjax
+from zipjax import models
+
+
+def _batches(shape, count=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain JAX: parameters as a list of (W, b) tuples, and other pytrees.
+
+
+def _mlp_apply(params, x):
+  h = x.reshape(x.shape[0], -1)
+  for i, (w, b) in enumerate(params):
+    h = h @ w + b[None]
+    if i < len(params) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def _mlp_params(seed, sizes=(12, 16, 16, 3)):
+  rng = np.random.default_rng(seed)
+  return [(jnp.asarray(rng.standard_normal((i, o)) / np.sqrt(i), jnp.float32),
+           jnp.asarray(0.1 * rng.standard_normal(o), jnp.float32))
+          for i, o in zip(sizes[:-1], sizes[1:])]
+
+
+def test_list_of_tuples_comes_back_as_list_of_tuples():
+  pa, pb = _mlp_params(0), _mlp_params(1)
+  data = _batches((8, 12))
+  spec = zipjax.infer_spec(_mlp_apply, pa, data[0])
+  assert [s.width for s in spec.spaces] == [16, 16]
+  assert ("0", "0") in spec.leaves  # leaves are named by their key paths
+  zipjax.check_spec(pa, spec, data[0])
+  merged = zipjax.zip(pa, pb, spec, data=data)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(pa)
+  assert isinstance(merged, list) and all(isinstance(layer, tuple) for layer in merged)
+  assert _mlp_apply(merged, data[0]).shape == (8, 3)
+  same = zipjax.zip(pa, pa, spec, data=data)
+  for u, v in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(pa)):
+    np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+
+
+class Layer(typing.NamedTuple):
+  w: jax.Array
+  b: jax.Array
+
+
+@flax.struct.dataclass
+class Net:
+  hidden: Layer
+  out: Layer
+
+
+def _net_apply(net, x):
+  return jax.nn.relu(x @ net.hidden.w + net.hidden.b[None]) @ net.out.w + net.out.b[None]
+
+
+@pytest.mark.parametrize("wrap", ["namedtuple_dataclass", "frozendict", "dict"])
+def test_other_pytrees_come_back_with_their_structure(wrap):
+  def make(seed):
+    (w1, b1), (w2, b2) = _mlp_params(seed, (12, 16, 3))
+    net = Net(Layer(w1, b1), Layer(w2, b2))
+    if wrap == "frozendict":
+      return flax.core.FrozenDict({"params": {"h": {"w": w1, "b": b1}, "o": {"w": w2, "b": b2}}})
+    if wrap == "dict":
+      return {"params": {"h": {"w": w1, "b": b1}, "o": {"w": w2, "b": b2}}}
+    return net
+
+  def apply(v, x):
+    if isinstance(v, Net):
+      return _net_apply(v, x)
+    p = v["params"]
+    return _net_apply(Net(Layer(p["h"]["w"], p["h"]["b"]), Layer(p["o"]["w"], p["o"]["b"])), x)
+
+  va, vb = make(0), make(1)
+  data = _batches((8, 12))
+  spec = zipjax.infer_spec(apply, va, data[0])
+  merged = zipjax.zip(va, vb, spec, data=data)
+  assert type(merged) is type(va)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(va)
+  perm = zipjax.permute_spaces(va, spec, jax.random.key(1))
+  assert jax.tree_util.tree_structure(perm) == jax.tree_util.tree_structure(va)
+  np.testing.assert_allclose(apply(perm, data[0]), apply(va, data[0]), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flax NNX
+
+
+class NNXCNN(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.fc = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return self.fc(self.drop(x.mean((1, 2))))
+
+
+def _trained_looking(module, seed):
+  """Statistics and biases away from their init values, so resets and merges show."""
+  graphdef, state, rest = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)
+  rng = np.random.default_rng(seed)
+  pure = nnx.to_pure_dict(state)
+
+  def perturb(path, x):
+    x = np.asarray(x)
+    if path[-1].key == "var":
+      return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+    return jnp.asarray(x + 0.2 * rng.standard_normal(x.shape), x.dtype)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(perturb, pure))
+  return nnx.merge(graphdef, state, rest)
+
+
+@pytest.fixture(scope="module")
+def nnx_pair():
+  a = _trained_looking(NNXCNN(nnx.Rngs(0)), 0)
+  b = _trained_looking(NNXCNN(nnx.Rngs(1)), 1)
+  return a, b, _batches((4, 8, 8, 3), count=3)
+
+
+def _eval_out(module, x):
+  module.eval()
+  return np.asarray(module(x))
+
+
+def test_nnx_modules_zip_to_a_module(nnx_pair):
+  a, b, data = nnx_pair
+  merged = zipjax.zip(a, b, data=data)
+  assert isinstance(merged, NNXCNN)
+  assert _eval_out(merged, data[0]).shape == (4, 4)
+  # The inputs are not modified.
+  assert not np.allclose(nnx.state(a, nnx.Param)["conv1"]["kernel"][...],
+                         nnx.state(merged, nnx.Param)["conv1"]["kernel"][...])
+
+
+def test_nnx_self_merge_is_exact(nnx_pair):
+  a, _, data = nnx_pair
+  same = zipjax.zip(a, a, data=data, reset_bn=False)
+  np.testing.assert_array_equal(_eval_out(same, data[0]), _eval_out(a, data[0]))
+
+
+def test_nnx_batchnorm_reset_recomputes_statistics(nnx_pair):
+  a, b, data = nnx_pair
+  kept = zipjax.zip(a, b, data=data, reset_bn=False)
+  reset = zipjax.zip(a, b, data=data)
+  assert not np.allclose(nnx.state(kept, nnx.BatchStat)["bn1"]["mean"][...],
+                         nnx.state(reset, nnx.BatchStat)["bn1"]["mean"][...])
+  # bn1's statistics: the average over the (equal-sized) batches of its input's batch
+  # statistics, as a BatchNorm in training mode computes them.
+  reset.eval()
+  h = [reset.conv1(x) for x in data]
+  np.testing.assert_allclose(nnx.state(reset, nnx.BatchStat)["bn1"]["mean"][...],
+                             np.mean([b.mean((0, 1, 2)) for b in h], 0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(nnx.state(reset, nnx.BatchStat)["bn1"]["var"][...],
+                             np.mean([b.var((0, 1, 2)) for b in h], 0), rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_partial_zip_gives_heads(nnx_pair):
+  a, b, data = nnx_pair
+  spec = zipjax.infer_nnx_spec(a, data[0])
+  heads = zipjax.zip(a, b, spec, data=data, stop_at=spec.stop_points[0])
+  out = np.asarray(heads.apply(data[0]))
+  assert out.shape == (2, 4, 4)
+
+
+def _linen_to_nnx(module, variables):
+  """An NNX module holding linen variables ({'params', 'batch_stats'} merged by path)."""
+  graphdef, state, rest = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)
+  pure = flax.core.unfreeze(variables["params"])
+
+  def add(tree, stats):
+    for k, v in stats.items():
+      if isinstance(v, dict):
+        add(tree.setdefault(k, {}), v)
+      else:
+        tree[k] = v
+
+  add(pure, flax.core.unfreeze(variables["batch_stats"]))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state, rest)
+
+
+def test_nnx_resnet20_merges_like_linen():
+  linen_model, linen_spec = models.resnet20(width=0.5, num_outputs=5)
+  x = _batches((4, 16, 16, 3), count=2, seed=3)
+  va = linen_model.init(jax.random.key(0), x[0])
+  vb = linen_model.init(jax.random.key(1), x[0])
+  va = zipjax.reset_batchnorm(va, linen_spec, x)  # statistics away from 0 and 1
+  vb = zipjax.reset_batchnorm(vb, linen_spec, x)
+  nnx_a, nnx_spec = models.nnx_resnet20(width=0.5, num_outputs=5, rngs=nnx.Rngs(0))
+  nnx_a = _linen_to_nnx(nnx_a, va)
+  nnx_b = _linen_to_nnx(models.nnx_resnet20(width=0.5, num_outputs=5, rngs=nnx.Rngs(1))[0], vb)
+  np.testing.assert_allclose(_eval_out(nnx_a, x[0]), linen_model.apply(va, x[0]),
+                             rtol=1e-5, atol=1e-5)
+  merged_linen = zipjax.zip(va, vb, linen_spec, data=x)
+  merged_nnx = zipjax.zip(nnx_a, nnx_b, nnx_spec, data=x)
+  assert isinstance(merged_nnx, models.resnet.NNXResNet20)
+  np.testing.assert_allclose(_eval_out(merged_nnx, x[1]), linen_model.apply(merged_linen, x[1]),
+                             rtol=1e-4, atol=1e-4)
+  zipjax.check_spec(nnx_a, nnx_spec, x[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing silent
+
+
+class FlattenCNN(nn.Module):
+  """Conv -> max pool -> flatten -> Dense: the flatten pins the conv's space."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), name="conv2")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(3, name="fc")(x)
+
+
+class GroupNormCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.GroupNorm(num_groups=2, name="gn1")(nn.Conv(8, (3, 3), name="conv1")(x)))
+    return nn.Dense(3, name="fc")(x.mean((1, 2)))
+
+
+def test_spec_merging_no_space_is_refused():
+  model = GroupNormCNN()
+  x = _batches((4, 8, 8, 3))
+  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  spec = zipjax.infer_linen_spec(model, va, x[0])
+  assert not spec.spaces
+  with pytest.raises(zipjax.SpecError, match="merges no feature space.*weight averaging"):
+    zipjax.zip(va, vb, spec, data=x)
+
+
+def test_unmerged_weights_are_reported_with_their_reason():
+  model = GroupNormCNN()
+  x = _batches((4, 8, 8, 3))
+  va = model.init(jax.random.key(0), x[0])
+  spec = zipjax.infer_linen_spec(model, va, x[0])
+  report = zipjax.explain(va, spec)
+  rows = {"/".join(r.path): r for r in report.leaves}
+  assert rows["params/conv1/kernel"].status == "averaged"
+  assert rows["params/conv1/kernel"].unmerged
+  assert "reshape" in rows["params/conv1/kernel"].detail
+  assert "model.py" not in rows["params/conv1/kernel"].detail
+  assert "test_user_models.py" in rows["params/conv1/kernel"].detail  # the user's code line
+  assert "params/gn1/scale" in str(report)
+
+
+def test_zip_warns_when_features_are_only_averaged():
+  class Partly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(8, name="fc1")(x))
+      x = nn.relu(nn.Dense(8, name="fc2")(x))
+      y = jnp.concatenate([x, x[:, :2]], axis=-1)  # a concatenation pins fc2's space
+      return nn.Dense(3, name="out")(y)
+
+  model = Partly()
+  x = _batches((8, 5))
+  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  spec = zipjax.infer_linen_spec(model, va, x[0])
+  assert spec.space_names == ("fc1",)
+  with pytest.warns(zipjax.UnmergedWarning, match="params/fc2/kernel"):
+    zipjax.zip(va, vb, spec, data=x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", zipjax.UnmergedWarning)
+    zipjax.zip(va, vb, spec, data=x)
+
+
+# ------------------------------------------------------------------------------------------------
+# check_spec finds what init values hide
+
+
+class BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), name="conv1")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(x))
+    zipjax.spec.capture(self, "h", x)
+    return nn.Dense(3, name="fc")(x.mean((1, 2)))
+
+
+def _bn_spec(drop=(), width=8):
+  module = BNNet()
+  leaves = {**zipjax.spec.conv("conv1", None, "h"), **zipjax.spec.batchnorm("bn1", "h"),
+            **zipjax.spec.dense("fc", "h", None)}
+  for path in drop:
+    leaves[path] = {}
+  return module, zipjax.spec.linen_spec(module, spaces=[zipjax.spec.Space("h", width)],
+                                        leaves=leaves)
+
+
+@pytest.mark.parametrize("left_out", [("batch_stats", "bn1", "mean"),
+                                      ("batch_stats", "bn1", "var"),
+                                      ("params", "conv1", "bias")])
+def test_check_spec_catches_leaves_left_out_on_init_values(left_out):
+  module, spec = _bn_spec(drop=[left_out])
+  x = _batches((4, 8, 8, 3))[0]
+  v = module.init(jax.random.key(0), x)
+  with pytest.raises(zipjax.SpecError, match="permuting its spaces changes"):
+    zipjax.check_spec(v, spec, x)
+  zipjax.check_spec(v, _bn_spec()[1], x)  # the full spec passes
+
+
+def test_check_spec_catches_a_misspelt_capture():
+  class Misspelt(BNNet):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), name="conv1")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(x))
+      zipjax.spec.capture(self, "hh", x)
+      return nn.Dense(3, name="fc")(x.mean((1, 2)))
+
+  _, good = _bn_spec()
+  module = Misspelt()
+  spec = zipjax.spec.linen_spec(module, spaces=good.spaces, leaves=good.leaves)
+  x = _batches((4, 8, 8, 3))[0]
+  v = module.init(jax.random.key(0), x)
+  with pytest.raises(zipjax.SpecError, match=r"\['h'\] are never captured.*\['hh'\]"):
+    zipjax.check_spec(v, spec, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration data checked up front
+
+
+@pytest.fixture(scope="module")
+def bn_pair():
+  module, spec = _bn_spec()
+  x = _batches((4, 8, 8, 3), count=2)
+  va = module.init(jax.random.key(0), x[0])
+  vb = module.init(jax.random.key(1), x[0])
+  return spec, va, vb, x
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("one_array", r"one array .*\[x\] for one batch"),
+    ("x_y_tuple", r"one \(inputs, labels\) batch.*\[\(x, y\)\]"),
+    ("dict", r"one dict batch"),
+    ("empty", r"no batches"),
+    ("iterator", r"one-shot iterator"),
+    ("nchw", r"does not fit the model.*\(4, 3, 8, 8\)"),
+    ("no_batch_axis", r"does not fit the model"),
+])
+def test_bad_calibration_data_is_named(bn_pair, kind, match):
+  spec, va, vb, x = bn_pair
+  labels = jnp.zeros(4, jnp.int32)
+  data = {
+      "one_array": x[0],
+      "x_y_tuple": (x[0], labels),
+      "dict": {"image": x[0]},
+      "empty": [],
+      "iterator": iter(x),
+      "nchw": [jnp.transpose(x[0], (0, 3, 1, 2))],
+      "no_batch_axis": [x[0].reshape(4, -1)],
+  }[kind]
+  with pytest.raises(zipjax.DataError, match=match):
+    zipjax.zip(va, vb, spec, data=data)
+
+
+def test_nchw_hint_when_the_spec_knows_its_input():
+  model = BNNet()
+  x = _batches((4, 8, 8, 3))
+  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  spec = zipjax.infer_linen_spec(model, va, x[0])
+  with pytest.raises(zipjax.DataError, match="channels first"):
+    zipjax.zip(va, vb, spec, data=[jnp.transpose(x[0], (0, 3, 1, 2))])
+
+
+# ------------------------------------------------------------------------------------------------
+# API
+
+
+def test_star_import_leaves_the_builtin_zip():
+  namespace: dict = {}
+  exec("from zipjax import *", namespace)  # pylint: disable=exec-used
+  assert "zip" not in namespace
+  assert zipjax.zip.__doc__.count("\n") > 20
+
+
+def test_uncalled_matcher_factory(bn_pair):
+  spec, va, vb, x = bn_pair
+  with pytest.raises(TypeError, match=r"factory.*greedy\(\)"):
+    zipjax.zip(va, vb, spec, data=x, matcher=zipjax.match.greedy)
+  with pytest.raises(TypeError, match=r"factory.*weight_matching\(\)"):
+    zipjax.zip(va, vb, spec, data=x, matcher=zipjax.match.weight_matching)
+
+
+@pytest.mark.parametrize("call", ["zip", "check_spec", "reset_batchnorm", "compute_stats",
+                                  "explain", "zip_many"])
+def test_wrong_argument_order(bn_pair, call):
+  spec, va, vb, x = bn_pair
+  with pytest.raises(TypeError, match="wrong order"):
+    {"zip": lambda: zipjax.zip(spec, va, vb, data=x),
+     "zip_many": lambda: zipjax.zip_many(spec, [va, vb], data=x),
+     "check_spec": lambda: zipjax.check_spec(spec, va, x[0]),
+     "reset_batchnorm": lambda: zipjax.reset_batchnorm(spec, va, x),
+     "compute_stats": lambda: zipjax.compute_stats(spec, [va, vb], x),
+     "explain": lambda: zipjax.explain(spec, va)}[call]()
+
+
+def test_zip_many_of_a_dict(bn_pair):
+  spec, va, vb, x = bn_pair
+  with pytest.raises(TypeError, match=r"dict with keys \['a', 'b'\].*list\(models.values\(\)\)"):
+    zipjax.zip_many({"a": va, "b": vb}, spec, data=x)
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": None}, {"beta": "0.5"}, {"alpha": True}])
+def test_greedy_options_of_the_wrong_type(kwargs):
+  with pytest.raises(TypeError, match="must be a number"):
+    zipjax.match.greedy(**kwargs)
+
+
+def test_mixed_dtypes_are_refused(bn_pair):
+  spec, va, vb, x = bn_pair
+  vb16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), vb)
+  with pytest.raises(zipjax.MismatchError, match="float32 in model 0 but bfloat16 in model 1"):
+    zipjax.zip(va, vb16, spec, data=x)
+
+
+def test_infer_linen_spec_takes_the_analysis_options():
+  model = BNNet()
+  x = _batches((4, 8, 8, 3))[0]
+  v = model.init(jax.random.key(0), x)
+  spec = zipjax.infer_linen_spec(model, v, x, attention="unmerged", name="bn-net")
+  assert spec.name == "bn-net"
+
+
+def test_infer_spec_of_an_nnx_module_points_to_infer_nnx_spec(nnx_pair):
+  a, _, data = nnx_pair
+  with pytest.raises(TypeError, match="infer_nnx_spec"):
+    zipjax.infer_spec(a, None, data[0])
+
+
+def test_zip_of_variables_without_a_spec(bn_pair):
+  _, va, vb, x = bn_pair
+  with pytest.raises(TypeError, match="needs the models' spec"):
+    zipjax.zip(va, vb, data=x)
+

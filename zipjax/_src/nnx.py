@@ -1,0 +1,122 @@
+"""Flax NNX modules: their state as the variables zipjax merges, specs declared or inferred.
+
+An NNX module is split into a graph definition, the state zipjax merges (every ``nnx.Param``
+and ``nnx.BatchStat``) and the rest (RNG state and other variables, taken from the first
+model). Leaves are named by their paths in the module, ``('conv1', 'kernel')``, and the
+spec's ``apply`` runs the module in evaluation mode (``module.eval()``: BatchNorm on its
+running statistics, dropout off).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+from flax import nnx
+
+from zipjax._src import spec as spec_lib
+from zipjax._src.errors import MismatchError, SpecError
+
+#: The variables zipjax merges in an NNX module; everything else is kept from the first model.
+MERGED = (nnx.Param, nnx.BatchStat)
+
+
+def is_module(x: Any) -> bool:
+  return isinstance(x, nnx.Module)
+
+
+def split(module: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+  """``(graphdef, merged state, rest)`` of a module: the state zipjax merges is its
+  parameters and BatchNorm statistics."""
+  graphdef, state, rest = nnx.split(module, MERGED, ...)
+  return graphdef, state, rest
+
+
+def split_models(modules: Sequence[Any]) -> tuple[Any, list[nnx.State], nnx.State]:
+  """The shared graph definition, the states and model 0's rest of N NNX modules."""
+  if not all(is_module(m) for m in modules):
+    kinds = sorted({type(m).__name__ for m in modules})
+    raise TypeError(f"Zip either NNX modules or variables trees, not a mix ({kinds}).")
+  for m, module in enumerate(modules[1:], start=1):
+    if type(module) is not type(modules[0]):
+      raise MismatchError(f"NNX modules 0 and {m} are of different classes "
+                          f"({type(modules[0]).__name__} and {type(module).__name__}); zipped "
+                          "models need one architecture.")
+  # Graph definitions may differ in train/eval flags only; the states are compared leaf by
+  # leaf later. The merged module takes model 0's definition.
+  parts = [split(m) for m in modules]
+  return parts[0][0], [p[1] for p in parts], parts[0][2]
+
+
+def _runner(graphdef, rest) -> Callable[[Any], nnx.Module]:
+  def module_of(state):
+    module = nnx.merge(graphdef, state, rest, copy=True)
+    module.eval()
+    return module
+  return module_of
+
+
+def _batchnorm_stats(module_of) -> Callable:
+  """``batchnorm_stats(state, x)``: every ``nnx.BatchNorm`` normalising by the statistics of
+  the batch (momentum 0, so its running statistics become exactly the batch's)."""
+
+  def batchnorm_stats(state, x):
+    module = module_of(state)
+    found = False
+    for _, sub in nnx.iter_modules(module):
+      if isinstance(sub, nnx.BatchNorm):
+        sub.use_running_average, sub.momentum, found = False, 0.0, True
+    if not found:
+      return {}
+    module(x)
+    return spec_lib.flatten(nnx.state(module, nnx.BatchStat))
+
+  return batchnorm_stats
+
+
+def nnx_spec(module: nnx.Module, *, spaces: Iterable[spec_lib.Space],
+             leaves: Mapping[spec_lib.Path, spec_lib.LeafAxes],
+             stop_points: Sequence[str] = (), name: str | None = None) -> spec_lib.Spec:
+  """A spec for an NNX module whose ``__call__`` ``capture``s its features.
+
+  Leaves are named as in the module's state, without a collection: ``('conv1', 'kernel')``;
+  build them with the helpers' ``collection=None`` (``zipjax.spec.conv('conv1', None, 's1',
+  collection=None)``). ``apply`` runs ``module.eval()``'s forward pass on the given state.
+  """
+  graphdef, _, rest = split(module)
+  module_of = _runner(graphdef, rest)
+
+  def apply(state, x):
+    return module_of(state)(x)
+
+  def features(state, x):
+    with spec_lib.capturing() as record:
+      module_of(state)(x)
+    return dict(record)
+
+  return spec_lib.Spec(spaces=tuple(spaces), leaves=dict(leaves),
+                       stop_points=tuple(stop_points), apply=apply, features=features,
+                       batchnorm_stats=_batchnorm_stats(module_of),
+                       name=name or type(module).__name__)
+
+
+def infer_nnx_spec(module: nnx.Module, sample_input: Any, *, attention: str = "refuse",
+                   name: str | None = None) -> spec_lib.Spec:
+  """A spec for an NNX module, inferred from the jaxpr of its evaluation-mode forward pass
+  over its parameters and BatchNorm statistics (see :func:`zipjax.infer_spec`)."""
+  from zipjax._src import infer  # pylint: disable=g-import-not-at-top
+
+  graphdef, state, rest = split(module)
+  module_of = _runner(graphdef, rest)
+
+  def apply(state, x):
+    return module_of(state)(x)
+
+  return infer.infer_spec(apply, state, sample_input, attention=attention,
+                          batchnorm_stats=_batchnorm_stats(module_of),
+                          name=name or type(module).__name__)
+
+
+def merge(graphdef, state: nnx.State, rest: nnx.State) -> nnx.Module:
+  """The module of a merged state."""
+  return nnx.merge(graphdef, state, rest, copy=True)
