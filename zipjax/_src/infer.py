@@ -184,6 +184,11 @@ class _Rule:
   pin_out: list = dataclasses.field(default_factory=list)
   refuse_in: list = dataclasses.field(default_factory=list)
   composes: list = dataclasses.field(default_factory=list)
+  # (operand, axis, output, group axis, axis in group): a feature axis split into groups
+  # (GroupNorm's reshape); and (operand, group axis, axis in group, output, axis): the
+  # groups joined back. Between the two the features may be permuted within their groups.
+  splits: list = dataclasses.field(default_factory=list)
+  joins: list = dataclasses.field(default_factory=list)
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -401,6 +406,10 @@ def _rule(eqn) -> _Rule:
     for src, dst in _reshape_blocks(ins[0], _shape(eqn.outvars[0])):
       if len(src) == 1 and len(dst) == 1:
         rule.links.append((0, src[0], 0, dst[0]))
+      elif len(src) == 1 and len(dst) == 2:
+        rule.splits.append((0, src[0], 0, dst[0], dst[1]))
+      elif len(dst) == 1 and len(src) == 2 and src[1] == src[0] + 1:
+        rule.joins.append((0, src[0], src[1], 0, dst[0]))
       elif len(dst) == 1:
         # Flattened, last axis innermost: the features of src[-1] at every outer position.
         outer = src[:-1]
@@ -572,6 +581,7 @@ class _SpaceInfo:
   name_hint: str
   order: tuple
   parts: tuple = ()  # a space made of spaces: ((part root or None, width, repeats), ...)
+  groups: int = 1  # matched group by group (GroupNorm)
 
 
 class _Analysis:
@@ -587,6 +597,10 @@ class _Analysis:
     self.pin_eqn: dict = {}  # node -> (eqn, callers) that pinned it first
     # Spaces made of spaces: [(composite node, [(part node or width, repeats)], [part reader])]
     self.composites: list = []
+    # Features split into groups and joined back: [(feature node, group node, in-group node,
+    # groups, eqn, callers)], and the joins seen: [(split index, joined output node)].
+    self.splits: list = []
+    self.joins: list = []
     self.refusals: list = []  # (node, eqn, reason, location)
     self.bilinear: list = []  # (node, eqn, location): axes of a product of two activations
     self.dynamic: set = set()  # (scope, var) depending on the model's inputs
@@ -726,6 +740,30 @@ class _Analysis:
       self.pin(scope, ins[i], a, reason, eqn)
     for j, b, reason in rule.pin_out:
       self.pin(scope, outs[j], b, reason, eqn)
+    for i, a, j, g, k in rule.splits:
+      if not _is_drop(outs[j]) and self.is_dynamic(scope, ins[i]):
+        self.splits.append((self.node(scope, ins[i], a), self.node(scope, outs[j], g),
+                            self.node(scope, outs[j], k), _shape(outs[j])[g], eqn,
+                            tuple(self._callers)))
+    for i, g, k, j, b in rule.joins:
+      if _is_drop(outs[j]):
+        continue
+      # The groups joined back: features split before, or group statistics broadcast over
+      # each group (GroupNorm's mean and variance) whose in-group axis is checked later.
+      gi, size = self.find(scope, ins[i], g), _shape(ins[i])[k]
+      found = [n for n, s in enumerate(self.splits)
+               if self.uf.find(s[1]) == gi and s[3] * size == _shape(outs[j])[b]]
+      if found:
+        self.joins.append((found[-1], self.node(scope, outs[j], b), self.node(scope, ins[i], k)))
+        self.uf.union(self.splits[found[-1]][0], self.node(scope, outs[j], b))
+      else:  # an ordinary flatten
+        self.pin(scope, ins[i], g, "flattened together with a feature axis", eqn)
+        width, repeats = _shape(ins[i])[k], _shape(ins[i])[g]
+        dynamic = not _is_literal(ins[i]) and self.is_dynamic(scope, ins[i])
+        self.composites.append((
+            self.node(scope, outs[j], b),
+            [(self.node(scope, ins[i], k) if dynamic else None, width, repeats)],
+            [(self._pos, scope, ins[i], k)] if dynamic else []))
     for j, b, parts in rule.composes:
       if _is_drop(outs[j]):
         continue
@@ -945,6 +983,30 @@ class _Analysis:
     pinned = {self.uf.find(n) for n in self.pins}
     reasons: dict = {}  # root -> why, for pins that spread from a space made of spaces
     self.unmerged = {}
+    # Features split into groups: a space with groups if joined back unchanged (GroupNorm).
+    self.grouped = {}
+    joined = collections.defaultdict(set)
+    for s, _, k in self.joins:
+      joined[s].add(self.uf.find(k))
+    for s, (feat, g, k, num, eqn, callers) in enumerate(self.splits):
+      root = self.uf.find(feat)
+      inner = {self.uf.find(g), self.uf.find(k)} | joined[s]
+      why = None
+      if s not in joined:
+        why = "split into parts by a reshape and never joined back"
+      elif inner & pinned:
+        why = "split into groups by a reshape, and the groups' order matters"
+      elif inner & set(groups):
+        why = "split into groups by a reshape, and parameters act on the groups' parts"
+      elif self.grouped.get(root, num) != num:
+        why = "split into groups of different sizes at different places"
+      if why is None:
+        self.grouped[root] = num
+      elif root not in pinned:
+        pinned.add(root)
+        reasons[root] = (f"{why} ({eqn.primitive.name} at {_location(eqn, callers)}); zipjax "
+                         "does not merge such an axis yet")
+    self.grouped = {r: n for r, n in self.grouped.items() if r not in pinned}
 
     def leave(axes, why):
       for ka in axes:
@@ -988,6 +1050,18 @@ class _Analysis:
             reasons[p] = ("flattened or concatenated into an axis that stays unmerged"
                           + (f": {why}" if why else " (the model's input or output)"))
             changed = True
+    # Spaces made of spaces made of spaces (a concatenation flattened): parts expanded.
+    def expand(parts, seen=()):
+      out = []
+      for p, w, r in parts:
+        if p in made and p not in pinned and p not in seen:
+          out += [q for q in expand(made[p], seen + (p,))] * r
+        else:
+          out.append((p, w, r))
+      return tuple(out)
+
+    raw_made = made
+    made = {root: expand(parts) for root, parts in made.items()}
     # A space read or written through a space made of it counts as read or written.
     inherited = collections.defaultdict(set)
     for root, parts in made.items():
@@ -1061,8 +1135,14 @@ class _Analysis:
       root = self.find(scope, v, a)
       if root in candidates:
         readers[root].append((pos, scope, v, a))
+    used, todo = set(), list(composed)  # composed spaces and those nested in them
+    while todo:
+      r = todo.pop()
+      if r not in used:
+        used.add(r)
+        todo += [p for p, _, _ in raw_made.get(r, ()) if p in raw_made]
     for node, _, part_readers in self.composites:
-      if self.uf.find(node) in composed:
+      if self.uf.find(node) in used:
         for pos, scope, v, a in part_readers:
           if self.find(scope, v, a) in candidates:
             readers[self.find(scope, v, a)].append((pos, scope, v, a))
@@ -1099,7 +1179,8 @@ class _Analysis:
       first = writers[0][1][0] if writers else next(iter(leaf_axes))[0]
       spaces.append(_SpaceInfo(key=key, width=width, leaf_axes=leaf_axes, captures=captures,
                                name_hint=_module_name(self.paths[first]),
-                               order=(last.get(root, (0,))[0], root)))
+                               order=(last.get(root, (0,))[0], root),
+                               groups=self.grouped.get(root, 1)))
     spaces.sort(key=lambda s: s.order)
     base = {s.order[1]: s for s in spaces}
     for root, roles in composed.items():
@@ -1109,8 +1190,8 @@ class _Analysis:
         continue
       leaf_axes = {ka: roles[ka] for ka in sorted(roles)}
       k0, a0 = next(iter(leaf_axes))
-      names = [base[p].name_hint for p, _, _ in parts if p is not None]
-      hint = (f"flatten({names[0]})" if len(parts) == 1 else "concat(" + ",".join(names) + ")")
+      hint = _composite_name([base[p].name_hint if p is not None else str(w)
+                              for p, w, r in parts for _ in range(r)])
       spaces.append(_SpaceInfo(
           key=frozenset((self.paths[k], a, role) for (k, a), role in leaf_axes.items()),
           width=_shape(top.invars[k0])[a0], leaf_axes=leaf_axes, captures=[], name_hint=hint,
@@ -1157,6 +1238,17 @@ class _Analysis:
       if not (reps <= before or reps <= after):
         return False
     return True
+
+
+def _composite_name(names: Sequence[str]) -> str:
+  """'flatten(a)' for a repeated, 'concat(a,b)' for a then b, 'flatten(concat(a,b))' for a
+  concatenation repeated."""
+  for period in range(1, len(names) + 1):
+    if len(names) % period == 0 and list(names) == list(names[:period]) * (
+        len(names) // period):
+      break
+  inner = names[0] if period == 1 else "concat(" + ",".join(names[:period]) + ")"
+  return inner if period == len(names) and period > 1 else f"flatten({inner})"
 
 
 def _splits_leaves(spaces: Sequence[_SpaceInfo], stop: _SpaceInfo) -> bool:
@@ -1421,7 +1513,7 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
 
   def space(s, n):
     parts = tuple((root_name[p] if p is not None else w, r) for p, w, r in s.parts)
-    return spec_lib.Space(n, s.width, parts)
+    return spec_lib.Space(n, s.width, parts, groups=s.groups)
 
   spec = spec_lib.Spec(spaces=tuple(space(s, n) for s, n in zip(plan.spaces, names)),
                        leaves=leaves, stop_points=tuple(name_of[k] for k in plan.stops),

@@ -72,6 +72,25 @@ def check_matcher(matcher: Any) -> None:
                     "greedy(alpha=0.3, beta=0.5)).")
 
 
+def match_in_groups(matcher: Callable, corr: np.ndarray, *, num_models: int,
+                    groups: int = 1) -> Merge:
+  """``matcher`` on the features of each group of a space separately (``groups`` equal
+  parts of every model's features, in order), its merges side by side."""
+  if groups == 1:
+    return matcher(corr, num_models=num_models)
+  n = corr.shape[0] // num_models
+  size = n // groups
+  ids = []
+  for g in range(groups):
+    index = np.concatenate([m * n + g * size + np.arange(size) for m in range(num_models)])
+    merge = matcher(corr[np.ix_(index, index)], num_models=num_models)
+    if not isinstance(merge, GroupMerge):
+      raise TypeError(f"Matching a space in groups needs group merges; {matcher} gave a "
+                      f"{type(merge).__name__}.")
+    ids.append(np.asarray(merge.groups) + g * size)
+  return GroupMerge(np.concatenate(ids, axis=1))
+
+
 def _fraction(name: str, value: Any, *, low_open: bool) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"greedy({name}=...) must be a number, got {value!r}.")

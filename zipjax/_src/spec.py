@@ -61,11 +61,24 @@ class Space:
   that no merge aligns (e.g. the model's input concatenated with a hidden space). Such a
   space is not matched: its merge is built from its parts' (block-diagonal), so every
   position of a flattened map gets the same merge.
+
+  A space with ``groups`` > 1 (the channels a GroupNorm normalises in groups) is matched
+  group by group: feature j of group g merges only with features of group g of any model, so
+  every merged group's statistics come from the groups it merges. A self-merge and a copy
+  permuted within its groups come back exactly.
   """
 
   name: str
   width: int
   parts: tuple[tuple[str | int, int], ...] = ()
+  groups: int = 1
+
+  def __post_init__(self):
+    if self.groups < 1 or self.width % self.groups:
+      raise SpecError(f"Space {self.name!r}: width {self.width} does not split into "
+                      f"{self.groups} groups.")
+    if self.groups > 1 and self.parts:
+      raise SpecError(f"Space {self.name!r} is made of other spaces; it cannot have groups.")
 
   @property
   def is_composite(self) -> bool:
@@ -653,7 +666,12 @@ def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:
   """One random permutation per space (a space made of spaces permutes as its parts)."""
   base = [s for s in spec.spaces if not s.parts]
   keys = jax.random.split(key, max(len(base), 1))
-  perms = {s.name: np.asarray(jax.random.permutation(k, s.width)) for s, k in zip(base, keys)}
+  perms = {}
+  for s, k in zip(base, keys):
+    size = s.width // s.groups  # within groups only: a group's features stay in it
+    perms[s.name] = np.concatenate([
+        g * size + np.asarray(jax.random.permutation(kg, size))
+        for g, kg in enumerate(jax.random.split(k, s.groups))])
   return composed_permutations(spec, perms)
 
 

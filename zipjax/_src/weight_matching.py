@@ -31,6 +31,12 @@ def weight_matching(*, max_iterations: int = 100,
     if len(variables_list) != 2:
       raise ValueError(f"weight_matching() aligns model B to model A, so it merges exactly 2 "
                        f"models; got {len(variables_list)}. Use greedy() or permute().")
+    grouped = [s for s in spaces if spec.space(s).groups > 1]
+    if grouped:
+      raise ValueError(f"weight_matching() permutes whole spaces; spaces {grouped} are "
+                       "normalised in groups (GroupNorm), which a permutation across groups "
+                       "would break. Use greedy() or permute(), which match them group by "
+                       "group.")
     fa, fb = (spec_lib.flatten(v) for v in variables_list)
     stats = {p for bn in spec.batchnorm_layers() for p in (bn.mean, bn.var)}
     leaves = {p: (np.asarray(fa[p], np.float64), np.asarray(fb[p], np.float64))

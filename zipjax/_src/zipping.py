@@ -19,16 +19,22 @@ from zipjax._src.multihead import MultiHead
 
 
 def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: int,
-                   matcher: Callable | None = None,
+                   matcher: Callable | None = None, groups: Mapping[str, int] | None = None,
                    progress: bool = False) -> dict[str, match_lib.Merge]:
-  """One Merge per space from its statistics (see :func:`zipjax.compute_stats`)."""
+  """One Merge per space from its statistics (see :func:`zipjax.compute_stats`).
+
+  ``groups``: {space: number of groups} for spaces matched group by group (``Space.groups``,
+  e.g. ``{s.name: s.groups for s in spec.spaces}``); the others are matched whole.
+  """
   matcher = matcher or match_lib.greedy()
   match_lib.check_matcher(matcher)
+  groups = groups or {}
   items = stats.items()
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     items = tqdm.tqdm(items, desc="matching", leave=False)
-  return {name: matcher(np.asarray(stats_lib.correlation(s)), num_models=num_models)
+  return {name: match_lib.match_in_groups(matcher, np.asarray(stats_lib.correlation(s)),
+                                          num_models=num_models, groups=groups.get(name, 1))
           for name, s in items}
 
 
@@ -76,7 +82,7 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
     stats = stats_lib.compute_stats(models, spec, data, spaces=spaces, progress=progress,
                                     mesh=mesh, microbatch=microbatch)
     merges = compute_merges(stats, num_models=len(models), matcher=matcher,
-                            progress=progress)
+                            groups={s.name: s.groups for s in spec.spaces}, progress=progress)
   merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at)
   if reset_bn:
     merged = bn_lib.reset_batchnorm(merged, spec, data, progress=progress, mesh=mesh)
