@@ -549,3 +549,54 @@ def test_zip_of_variables_without_a_spec(bn_pair):
   with pytest.raises(TypeError, match="needs the models' spec"):
     zipjax.zip(va, vb, data=x)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Save and load
+
+
+_LOAD_SCRIPT = """
+import sys, numpy as np, jax, zipjax
+sys.path.insert(0, {root!r})
+from tests.test_user_models import _mlp_apply, _mlp_params, _batches
+x = _batches((8, 12))[0]
+like = _mlp_params(0)
+spec = zipjax.infer_spec(_mlp_apply, like, x)
+full = zipjax.load({full!r}, like=like)
+assert isinstance(full, list) and isinstance(full[0], tuple), type(full)
+heads = zipjax.load({partial!r}, spec=spec, like=like)
+np.save({out!r}, np.concatenate([np.asarray(_mlp_apply(full, x))[None],
+                                 np.asarray(heads.apply(x))]))
+"""
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  pa, pb = _mlp_params(0), _mlp_params(1)
+  data = _batches((8, 12))
+  spec = zipjax.infer_spec(_mlp_apply, pa, data[0])
+  merged = zipjax.zip(pa, pb, spec, data=data)
+  heads = zipjax.zip(pa, pb, spec, data=data, stop_at=spec.stop_points[0])
+  zipjax.save(tmp_path / "full", merged)
+  zipjax.save(tmp_path / "partial", heads)
+  out = tmp_path / "out.npy"
+  root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+  script = _LOAD_SCRIPT.format(root=root, full=str(tmp_path / "full"),
+                               partial=str(tmp_path / "partial"), out=str(out))
+  subprocess.run([sys.executable, "-c", script], check=True, cwd=root,
+                 env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  got = np.load(out)
+  np.testing.assert_allclose(got[0], _mlp_apply(merged, data[0]), rtol=1e-6)
+  np.testing.assert_allclose(got[1:], heads.apply(data[0]), rtol=1e-6)
+  with pytest.raises(ValueError, match="partial zip.*spec="):
+    zipjax.load(tmp_path / "partial")
+
+
+def test_save_and_load_an_nnx_module(nnx_pair, tmp_path):
+  a, b, data = nnx_pair
+  merged = zipjax.zip(a, b, data=data)
+  zipjax.save(tmp_path / "m", merged)
+  back = zipjax.load(tmp_path / "m", like=NNXCNN(nnx.Rngs(5)))
+  assert isinstance(back, NNXCNN)
+  np.testing.assert_array_equal(_eval_out(back, data[0]), _eval_out(merged, data[0]))

@@ -13,6 +13,8 @@ from zipjax._src.explain import explain
 from zipjax._src.explain import Explanation
 from zipjax._src.infer import infer_linen_spec
 from zipjax._src.infer import infer_spec
+from zipjax._src.io import load
+from zipjax._src.io import save
 from zipjax._src.nnx import infer_nnx_spec
 from zipjax._src.multihead import ensemble
 from zipjax._src.multihead import MultiHead
@@ -43,6 +45,7 @@ __all__ = (
     "FeatureStats",
     "infer_linen_spec",
     "infer_nnx_spec",
+    "load",
     "infer_spec",
     "match",
     "metrics",
@@ -51,6 +54,7 @@ __all__ = (
     "MultiHead",
     "permute_spaces",
     "reset_batchnorm",
+    "save",
     "spec",
     "Spec",
     "SpecError",
