@@ -138,11 +138,13 @@ def results() -> dict:
   return _results()
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 def test_worker_has_8_devices(results):
   assert results["devices"] == NUM_DEVICES
   assert results["x_shards"] == NUM_DEVICES
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 def test_stats_agree(results):
   assert results["stats_count_equal"]
   assert results["stats_mean"] < RTOL
@@ -151,6 +153,7 @@ def test_stats_agree(results):
   assert results["stats_on_one_device"]
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 def test_auto_microbatch_takes_a_multiple_of_the_devices(results):
   # Batches of 16 and 12 in parts of 8 (one example a device); the last part of 4 is uneven
   # over 8 devices and runs replicated.
@@ -158,11 +161,13 @@ def test_auto_microbatch_takes_a_multiple_of_the_devices(results):
   assert results["stats_m2_auto"] < RTOL
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 def test_batchnorm_reset_agrees(results):
   assert results["bn"] < RTOL
   assert results["bn_changed"] > 1e-3  # the reset did something
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 def test_full_and_partial_zip_agree(results):
   assert results["full_zip"] < RTOL
   assert results["full_zip_outputs"] < 1e-4
@@ -170,6 +175,7 @@ def test_full_and_partial_zip_agree(results):
   assert results["partial_zip_outputs"] < 1e-4
 
 
+@pytest.mark.slow  # the 8-device worker: ~60 s
 @pytest.mark.parametrize("step", ["hlo_stats", "hlo_bn", "hlo_bn_heads"])
 def test_xla_all_reduces_the_sharded_batch(results, step):
   assert results[step]["all-reduce"] > 0

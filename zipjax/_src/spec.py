@@ -704,11 +704,14 @@ def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = Non
   perms = random_permutations(spec, key) if perms is None else composed_permutations(spec, perms)
   flat = validate(spec, variables)
   out = {}
-  for path, leaf in flat.items():
-    leaf = jnp.asarray(leaf)
-    for axis, ax in spec.leaf_axes(path, leaf.ndim).items():
-      if ax.space in perms:
-        leaf = jnp.take(leaf, jnp.asarray(perms[ax.space]), axis=axis)
+  for path, leaf in flat.items():  # on the host: no program compiled per leaf shape
+    axes = [(axis, ax) for axis, ax in spec.leaf_axes(path, np.ndim(leaf)).items()
+            if ax.space in perms]
+    if axes:
+      value = np.asarray(leaf)
+      for axis, ax in axes:
+        value = np.take(value, np.asarray(perms[ax.space]), axis=axis)
+      leaf = jnp.asarray(value)
     out[path] = leaf
   return unflatten(out, variables)
 
@@ -722,23 +725,23 @@ def _max_rel_diff(a, b) -> float:
 def randomized(variables: Variables, key: jax.Array) -> Any:
   """``variables`` with every float leaf perturbed at its own scale, signs kept where a leaf
   has one sign (BatchNorm variances stay positive): statistics and biases that init sets to
-  0 and 1 are no longer special, so a spec that leaves them out fails :func:`check_spec`."""
+  0 and 1 are no longer special, so a spec that leaves them out fails :func:`check_spec`.
+  Drawn with numpy on the host (seeded from ``key``): no program is compiled per shape."""
   flat = flatten(variables)
-  keys = jax.random.split(key, max(len(flat), 1))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
   out = {}
-  for k, (path, leaf) in zip(keys, flat.items()):
-    leaf = jnp.asarray(leaf)
-    if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
+  for path, leaf in flat.items():
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating) or np.size(leaf) == 0:
       out[path] = leaf
       continue
-    noise = jax.random.normal(k, leaf.shape, jnp.float32)
-    x = leaf.astype(jnp.float32)
-    if bool(jnp.all(x > 0)) or bool(jnp.all(x < 0)):
-      new = x * jnp.exp(0.3 * noise)
+    x = np.asarray(leaf, np.float32)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    if (x > 0).all() or (x < 0).all():
+      new = x * np.exp(0.3 * noise)
     else:
-      scale = jnp.std(x)
-      new = x + jnp.where(scale > 0, 0.3 * scale, 0.1) * noise
-    out[path] = new.astype(leaf.dtype)
+      scale = float(x.std())
+      new = x + (0.3 * scale if scale > 0 else 0.1) * noise
+    out[path] = jnp.asarray(new.astype(jnp.result_type(leaf)))
   return unflatten(out, variables)
 
 
