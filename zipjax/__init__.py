@@ -27,7 +27,7 @@ from zipjax._src.stats import FeatureStats
 from zipjax._src.apply import apply_merges
 from zipjax._src.zipping import compute_merges
 # `zip` is not in __all__, so `from zipjax import *` leaves the builtin alone: call zipjax.zip.
-from zipjax._src.zipping import zip  # pylint: disable=redefined-builtin
+from zipjax._src.zipping import zip  # noqa: F401  pylint: disable=redefined-builtin
 from zipjax._src.zipping import zip_many
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ import jax.extend.source_info_util as source_info_util
 import jax.numpy as jnp
 
 from zipjax._src import spec as spec_lib
-from zipjax._src.errors import SpecError, fmt_path, key_name
+from zipjax._src.errors import SpecError, fmt_path
 
 Path = spec_lib.Path
 Scope = tuple[int, ...]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import jax
 from flax import nnx
 
 from zipjax._src import spec as spec_lib
-from zipjax._src.errors import MismatchError, SpecError
+from zipjax._src.errors import MismatchError
 
 #: The variables zipjax merges in an NNX module; everything else is kept from the first model.
 MERGED = (nnx.Param, nnx.BatchStat)
