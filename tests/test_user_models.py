@@ -149,12 +149,16 @@ def _eval_out(module, x):
 
 def test_nnx_modules_zip_to_a_module(nnx_pair):
   a, b, data = nnx_pair
+  merged_state = lambda m: jax.tree.map(np.array, nnx.state(m, (nnx.Param, nnx.BatchStat)))
+  before = [merged_state(m) for m in (a, b)]
+  flags = [(m.bn1.use_running_average, m.drop.deterministic) for m in (a, b)]
   merged = zipjax.zip(a, b, data=data)
-  assert isinstance(merged, NNXCNN)
+  assert isinstance(merged, NNXCNN) and merged is not a and merged is not b
   assert _eval_out(merged, data[0]).shape == (4, 4)
-  # The inputs are not modified.
-  assert not np.allclose(nnx.state(a, nnx.Param)["conv1"]["kernel"][...],
-                         nnx.state(merged, nnx.Param)["conv1"]["kernel"][...])
+  # The inputs are not modified: neither their state nor their train/eval flags.
+  for m, old, flag in zip((a, b), before, flags):
+    jax.tree.map(np.testing.assert_array_equal, merged_state(m), old)
+    assert (m.bn1.use_running_average, m.drop.deterministic) == flag
 
 
 def test_nnx_self_merge_is_exact(nnx_pair):
@@ -305,6 +309,33 @@ def test_layer_permuted_copy_is_recovered(layer_model):
                              atol=1e-5)
 
 
+def test_composed_merge_is_block_diagonal_for_group_and_dense_merges():
+  from zipjax._src import merge as merge_lib  # pylint: disable=g-import-not-at-top
+  a = zipjax.match.GroupMerge(np.array([[0, 1, 1], [2, 0, 1]]))
+  b = zipjax.match.GroupMerge(np.array([[1, 0], [0, 1]]))
+  grouped = merge_lib.compose([(a, 2), (b, 1)])
+  dense = merge_lib.compose([(zipjax.match.DenseMerge(a.M, a.U), 2),
+                             (zipjax.match.DenseMerge(b.M, b.U), 1)])
+  assert isinstance(grouped, zipjax.match.GroupMerge)
+  assert isinstance(dense, zipjax.match.DenseMerge)
+  for got in (grouped, dense):
+    mg, ug = got.blocks()
+    for m in range(2):
+      ma, ua = [blk[m] for blk in a.blocks()]
+      mb, ub = [blk[m] for blk in b.blocks()]
+      np.testing.assert_array_equal(mg[m], _block_diag(ma, ma, mb))
+      np.testing.assert_array_equal(ug[m], _block_diag(ua, ua, ub))
+
+
+def _block_diag(*blocks):
+  n = sum(b.shape[0] for b in blocks)
+  out, i = np.zeros((n, n), np.float32), 0
+  for b in blocks:
+    out[i:i + b.shape[0], i:i + b.shape[1]] = b
+    i += b.shape[0]
+  return out
+
+
 def test_groupnorm_groups_are_matched_group_by_group():
   model = GroupNormCNN()
   x = _batches((4, 8, 8, 3))
@@ -334,21 +365,23 @@ class GroupedConvCNN(nn.Module):
     return nn.Dense(3, name="fc")(x.mean((1, 2)))
 
 
-def test_spec_merging_no_space_is_refused():
+@pytest.fixture(scope="module")
+def grouped_conv():
   model = GroupedConvCNN()
   x = _batches((4, 8, 8, 3))
   va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
-  spec = zipjax.infer_linen_spec(model, va, x[0])
+  return zipjax.infer_linen_spec(model, va, x[0]), va, vb, x
+
+
+def test_spec_merging_no_space_is_refused(grouped_conv):
+  spec, va, vb, x = grouped_conv
   assert not spec.spaces
   with pytest.raises(zipjax.SpecError, match="merges no feature space.*weight averaging"):
     zipjax.zip(va, vb, spec, data=x)
 
 
-def test_unmerged_weights_are_reported_with_their_reason():
-  model = GroupedConvCNN()
-  x = _batches((4, 8, 8, 3))
-  va = model.init(jax.random.key(0), x[0])
-  spec = zipjax.infer_linen_spec(model, va, x[0])
+def test_unmerged_weights_are_reported_with_their_reason(grouped_conv):
+  spec, va, _, _ = grouped_conv
   report = zipjax.explain(va, spec)
   rows = {"/".join(r.path): r for r in report.leaves}
   assert rows["params/conv1/kernel"].status == "averaged"

@@ -92,7 +92,7 @@ def explain(variables: Any, spec: spec_lib.Spec, *, stop_at: str | None = None) 
     params/fc1/kernel  784x64  zipped    axis 1: M of fc1
     ...
   """
-  _check_spec_arg(spec, "explain(variables, spec)")
+  spec_lib.check_order(variables, spec, "explain(variables, spec)")
   flat = spec_lib.validate(spec, variables)
   trunk = None if stop_at is None else frozenset(spec.trunk_spaces(stop_at))
   rows = []
@@ -111,12 +111,6 @@ def explain(variables: Any, spec: spec_lib.Spec, *, stop_at: str | None = None) 
     else:
       rows.append(LeafReport(path, shape, AVERAGED, "; ".join(parts) or _NO_SPACE, bool(notes)))
   return Explanation(spec.name, tuple(rows), stop_at)
-
-
-def _check_spec_arg(spec: Any, call: str) -> None:
-  if not isinstance(spec, spec_lib.Spec):
-    raise TypeError(f"Arguments in the wrong order: the call is {call}; got a "
-                    f"{type(spec).__name__} as the spec.")
 
 
 def check_merges_something(spec: spec_lib.Spec) -> None:

@@ -39,8 +39,8 @@ def save(path: str | os.PathLike, model: Any, *, overwrite: bool = False) -> Non
 
   Example::
 
-    zipjax.save("/tmp/merged", merged)
-    merged = zipjax.load("/tmp/merged", like=variables_a)
+    zipjax.save(os.path.join(out_dir, "merged"), merged)
+    merged = zipjax.load(os.path.join(out_dir, "merged"), like=variables_a)
   """
   from zipjax._src import nnx as nnx_lib  # pylint: disable=g-import-not-at-top
   ocp = _orbax()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zipjax._src import merge as merge_lib
 from zipjax._src.errors import MismatchError, SpecError, fmt_path, key_name
 
 Path = tuple[str, ...]
@@ -79,10 +80,6 @@ class Space:
                       f"{self.groups} groups.")
     if self.groups > 1 and self.parts:
       raise SpecError(f"Space {self.name!r} is made of other spaces; it cannot have groups.")
-
-  @property
-  def is_composite(self) -> bool:
-    return bool(self.parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +350,6 @@ class Spec:
   def composed(self, merges: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """``merges`` with the merge of every space of ``names`` made of spaces added, built from
     its parts' merges (see :class:`Space`)."""
-    from zipjax._src import merge as merge_lib  # pylint: disable=g-import-not-at-top
     out = dict(merges)
     for name in names:
       s = self.space(name)
