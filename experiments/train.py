@@ -5,6 +5,13 @@
 interrupted run after its last completed epoch, with the same result, bit for bit, as a run
 that was never interrupted (batch order depends only on (seed, epoch); see
 ``experiments.checkpoint``).
+
+Training is data-parallel over every local device (or a given ``jax.sharding.Mesh``): each
+batch is split over the mesh's "data" axis, the model replicated, and XLA sums the gradients
+and the BatchNorm statistics over the devices, so a step computes what it computes on one
+device, up to rounding. On a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` makes
+8 devices of the cores; each works on a slice of the batch that stays in its caches (a
+ResNet-20 x1 step over 128 images took 2.5 s on one device and 1.1 s on 8, on 2 cores).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.sharding import Mesh
 
 from experiments import checkpoint as checkpoint_lib
 from experiments import data as data_lib
+from zipjax._src import sharding as sharding_lib
 
 SCHEDULES = ("cosine", "linear")
 
@@ -164,8 +173,8 @@ def run_record(task: data_lib.Dataset, classes: Sequence[int], config: TrainConf
 
 def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config: TrainConfig,
           *, class_embeddings: np.ndarray | None = None, progress: bool = True,
-          desc: str = "train", checkpoint_dir: str | os.PathLike | None = None
-          ) -> dict[str, Any]:
+          desc: str = "train", checkpoint_dir: str | os.PathLike | None = None,
+          mesh: Mesh | None = None) -> dict[str, Any]:
   """Trains ``model`` on the images of ``classes`` in ``ds``; returns its variables.
 
   Args:
@@ -181,10 +190,24 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
       latest checkpoint there if any (a finished run returns its variables without training).
       A checkpoint of another run (config, classes, data size, head) or architecture raises
       ``experiments.checkpoint.CheckpointError``.
+    mesh: the devices to train on, data-parallel over its "data" axis (or all its axes);
+      None: all local devices. The batch size must be a multiple of the number of shards.
+
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` (no "batch_stats" for models without any), on
+    one device.
   """
   task = ds.subset(classes)
   if len(task) < config.batch_size:
     raise ValueError(f"Only {len(task)} training images for batch size {config.batch_size}.")
+  mesh = sharding_lib.resolve_mesh(mesh)
+  if mesh is not None and config.batch_size % sharding_lib.num_shards(mesh):
+    raise ValueError(
+        f"Data-parallel training splits each batch over {sharding_lib.num_shards(mesh)} "
+        f"devices: TrainConfig.batch_size={config.batch_size} is not a multiple of that. "
+        f"Choose a multiple, or pass mesh= over fewer devices.")
+  place = (lambda tree: tree) if mesh is None else (  # noqa: E731
+      lambda tree: sharding_lib.place_batch(tree, mesh))
   steps_per_epoch = len(task) // config.batch_size
   tx, core = _recipe_step(model, dataclasses.replace(config, seed=0), steps_per_epoch)
   emb = None if class_embeddings is None else jnp.asarray(class_embeddings)
@@ -206,12 +229,14 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
     bar = stack.enter_context(tqdm.tqdm(
         total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc,
         disable=not progress, leave=False))
+    if mesh is not None:
+      state = sharding_lib.replicate(state, mesh)
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
     for epoch in range(start_epoch, config.epochs):
       for x, y in data_lib.train_batches(task, config.batch_size, seed=config.seed, epoch=epoch,
                                          augmentation=config.augmentation):
-        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x,
-                                                    local_labels(y, classes))
+        params, batch_stats, opt_state, loss = step(
+            params, batch_stats, opt_state, place(x), place(local_labels(y, classes)))
         bar.update()
       bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
       if ckpt is not None:
@@ -224,7 +249,7 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
   out = {"params": params}
   if batch_stats:
     out["batch_stats"] = batch_stats
-  return out
+  return sharding_lib.to_local(out)
 
 
 @functools.partial(jax.jit, static_argnums=0)

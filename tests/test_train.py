@@ -1,6 +1,10 @@
 """Training: the recipe's schedule and losses, and exact resumption from checkpoints."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -182,3 +186,73 @@ def test_label_smoothing_changes_the_loss_as_optax_does():
 def test_train_config_rejects_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):
     train_lib.TrainConfig(**{field: value})
+
+
+def _data_parallel_worker() -> dict:
+  """Run with 8 CPU devices: the same training on all 8 and on one, and a checkpoint written
+  by the 8-device run restored by a one-device one."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  train, _ = data_lib.load_digits()
+  task = train.subset(CLASSES).limit_per_class(60)
+  one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  with tempfile.TemporaryDirectory() as ckdir:
+    eight = train_lib.train(TinyCNN(), task, CLASSES, CONFIG, progress=False,
+                            checkpoint_dir=ckdir)
+    restored = train_lib.train(TinyCNN(), task, CLASSES, CONFIG, progress=False,
+                               checkpoint_dir=ckdir, mesh=one)
+  single = train_lib.train(TinyCNN(), task, CLASSES, CONFIG, progress=False, mesh=one)
+  try:
+    train_lib.train(TinyCNN(), task, CLASSES, dataclasses.replace(CONFIG, batch_size=36),
+                    progress=False)
+    uneven = ""
+  except ValueError as e:
+    uneven = str(e)
+  leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]  # noqa: E731
+  return {
+      "devices": jax.device_count(),
+      "out_devices": sorted({len(a.sharding.device_set) for a in jax.tree.leaves(eight)}),
+      # Absolute: the conv bias before BatchNorm gets no gradient but rounding (~1e-8).
+      "max_abs_diff": max(float(np.abs(a - b).max())
+                          for a, b in zip(leaves(eight), leaves(single))),
+      "restored_equal": all(np.array_equal(a, b)
+                            for a, b in zip(leaves(eight), leaves(restored))),
+      "differs_from_init": not np.allclose(
+          leaves(single)[0], leaves(TinyCNN().init(jax.random.key(3), task.x[:2]))[0]),
+      "uneven": uneven,
+  }
+
+
+@pytest.fixture(scope="module")
+def data_parallel() -> dict:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=8").strip())
+  proc = subprocess.run([sys.executable, "-W", "error", os.path.abspath(__file__)], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_training_matches_one_device(data_parallel):
+  assert data_parallel["devices"] == 8
+  assert data_parallel["max_abs_diff"] < 1e-5  # parameters and statistics are O(1)
+  assert data_parallel["differs_from_init"]
+
+
+def test_data_parallel_training_returns_single_device_arrays(data_parallel):
+  assert data_parallel["out_devices"] == [1]
+
+
+def test_checkpoint_of_a_data_parallel_run_restores_on_one_device(data_parallel):
+  assert data_parallel["restored_equal"]
+
+
+def test_data_parallel_training_refuses_an_uneven_batch(data_parallel):
+  assert "batch_size=36 is not a multiple" in data_parallel["uneven"]
+  assert "8 devices" in data_parallel["uneven"]
+
+
+if __name__ == "__main__":
+  print(json.dumps(_data_parallel_worker()))
