@@ -11,7 +11,9 @@ next to the two source models and their ensemble. Each task is evaluated on its 
 
 The architectures: a residual LayerNorm/GELU MLP; a CNN whose last conv is max-pooled and
 flattened into a Dense layer; a CNN with GroupNorm; a CNN with a depthwise conv and two
-branches concatenated, average-pooled and flattened.
+branches concatenated, average-pooled and flattened; a CNN of grouped convs (4 and 8 groups).
+
+``--models a,b`` reruns those columns only and keeps the others of the table in ``--out``.
 """
 
 from __future__ import annotations
@@ -91,11 +93,24 @@ class BranchCNN(nn.Module):
     return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
 
 
+class GroupedCNN(nn.Module):
+  """A stem, then grouped convs of 4 and 8 groups (ResNeXt-style), global average pooling."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.relu(nn.Conv(32, (3, 3), name="stem")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=2, feature_group_count=4, name="grouped1")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=2, feature_group_count=8, name="grouped2")(x))
+    return nn.Dense(10, name="head")(x.mean(axis=(1, 2)))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "residual_mlp": ResidualMLP,
     "flatten_cnn": FlattenCNN,
     "groupnorm_cnn": GroupNormCNN,
     "branch_cnn": BranchCNN,
+    "grouped_cnn": GroupedCNN,
 }
 METHODS = ("model A", "model B", "weight average", "permute", "zipit", "zipit partial",
            "ensemble")
@@ -174,6 +189,16 @@ def run(*, models=tuple(MODELS), pairs: int = 2, epochs: int = 30,
   return rows
 
 
+def read(out: str) -> list[dict[str, Any]]:
+  """The rows of ``out/layer_types.csv`` ([] if there is none)."""
+  path = os.path.join(out, "layer_types.csv")
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return [{**r, "per_task_accuracy": float(r["per_task_accuracy"]), "pairs": int(r["pairs"])}
+            for r in csv.DictReader(f)]
+
+
 def write(rows: list[dict[str, Any]], out: str) -> None:
   """rows as ``layer_types.csv`` and a Markdown table ``README.md`` in ``out``."""
   os.makedirs(out, exist_ok=True)
@@ -205,9 +230,13 @@ def main(argv=None) -> None:
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--out", default="experiments/results/layer_types_digits")
   args = parser.parse_args(argv)
-  rows = run(models=args.models.split(","), pairs=args.pairs, epochs=args.epochs,
-             progress=True)
-  write(rows, args.out)
+  models = args.models.split(",")
+  unknown = [m for m in models if m not in MODELS]
+  if unknown:
+    parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+  rows = run(models=models, pairs=args.pairs, epochs=args.epochs, progress=True)
+  kept = [r for r in read(args.out) if r["model"] not in models]
+  write(kept + rows, args.out)
   print(open(os.path.join(args.out, "README.md")).read())
 
 

@@ -3,8 +3,10 @@
 from zipjax._src.spec import Axis
 from zipjax._src.spec import batchnorm
 from zipjax._src.spec import capture
+from zipjax._src.spec import compress_groups
 from zipjax._src.spec import conv
 from zipjax._src.spec import dense
+from zipjax._src.spec import expand_groups
 from zipjax._src.spec import FEATURES
 from zipjax._src.spec import IN
 from zipjax._src.spec import layernorm
@@ -20,8 +22,10 @@ __all__ = (
     "Axis",
     "batchnorm",
     "capture",
+    "compress_groups",
     "conv",
     "dense",
+    "expand_groups",
     "FEATURES",
     "IN",
     "layernorm",

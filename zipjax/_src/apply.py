@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from zipjax._src import spec as spec_lib
@@ -102,6 +103,15 @@ def _merge_leaf(xs: Sequence[jax.Array], axes: Mapping[int, spec_lib.Axis],
   ``ms``: the models of ``xs`` (default: 0..N-1)."""
   if not axes:
     return functools.reduce(jnp.add, xs) / len(xs)
+  grouped = [(a, ax) for a, ax in axes.items() if ax.groups > 1]
+  if grouped:  # a grouped convolution: merged as its block-diagonal plain kernel
+    for a, ax in grouped:
+      xs = [spec_lib.expand_groups(x, a, ax.by, ax.groups) for x in xs]
+    y = _merge_leaf(xs, {a: spec_lib.Axis(ax.space, ax.role) for a, ax in axes.items()},
+                    merges, kernel, ms)
+    for a, ax in grouped:
+      y = spec_lib.compress_groups(y, a, ax.by, ax.groups)
+    return y
   order = sorted(axes, key=lambda a: axes[a].role != spec_lib.IN)
   ms = range(len(xs)) if ms is None else ms
   for axis in order[:-1]:
@@ -170,7 +180,8 @@ def _units(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Mapping
     kind = "leaf" if trunk is None or spec.is_trunk_leaf(path, trunk) else "head"
     if kind == "head":
       axes = [(a, ax) for a, ax in axes if ax.role == spec_lib.IN and ax.space in trunk]
-    key = tuple((a, ax.role, type(merges[ax.space]), spec.width(ax.space)) for a, ax in axes)
+    key = tuple((a, ax.role, type(merges[ax.space]), spec.width(ax.space), ax.groups, ax.by)
+                for a, ax in axes)
     units[(kind, leaf.shape, leaf.dtype, key)].append(((path,), tuple(ax.space for _, ax in axes)))
   return units
 
@@ -181,7 +192,8 @@ def _merge_unit(signature: tuple, xs: Sequence[Sequence[jax.Array]], ms: Sequenc
   merges of its axes (of its layer, for a BatchNorm layer)."""
   if signature[0] == "batchnorm":
     return _merge_batchnorm(xs, signature[3], ms[0], kernel)
-  axes = {a: spec_lib.Axis(str(i), role) for i, (a, role, _, _) in enumerate(signature[3])}
+  axes = {a: spec_lib.Axis(str(i), role, groups, by)
+          for i, (a, role, _, _, groups, by) in enumerate(signature[3])}
   merges = {str(i): m for i, m in enumerate(ms)}
   if signature[0] == "leaf":
     return (_merge_leaf([x[0] for x in xs], axes, merges, kernel),)
@@ -219,6 +231,27 @@ def merge_flats(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Ma
     for (paths, _), ys in zip(units, merged):
       leaves.update(zip(paths, ys))
   return leaves, finite
+
+
+def _check_keeps_groups(name: str, merge: Merge, groups: int) -> None:
+  """Raises unless merged feature j of a space in ``groups`` groups draws only on features of
+  j's group (what GroupNorm and grouped convolutions need; see ``Space.groups``)."""
+  size = merge.width // groups
+  group = np.arange(merge.width) // size
+  if isinstance(merge, DenseMerge):
+    m = np.asarray(merge.M).reshape(merge.width, merge.num_models, merge.width)
+    u = np.asarray(merge.U).reshape(merge.num_models, merge.width, merge.width)
+    off = group[:, None] != group[None, :]
+    ok = not (np.abs(m).transpose(1, 0, 2)[:, off].any() or np.abs(u)[:, off].any())
+  else:
+    ok = bool((np.asarray(merge.groups) // size == group[None, :]).all())
+  if not ok:
+    raise MismatchError(
+        f"The merge of space {name!r} mixes features of different groups, but the space is "
+        f"matched within {groups} groups (a GroupNorm or a grouped convolution): merging "
+        "across groups changes what the layer computes. Match it group by group: "
+        "compute_merges(stats, num_models=N, groups={s.name: s.groups for s in spec.spaces}) "
+        "(zipjax.zip does).")
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -270,6 +303,8 @@ def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
           f"The merge of space {name!r} is for {merge.num_models} models of width "
           f"{merge.width}; the models are {len(flats)} of width {width} (M must be "
           f"{(width, len(flats) * width)}, U {(len(flats) * width, width)}).")
+    if spec.space(name).groups > 1:
+      _check_keeps_groups(name, merge, spec.space(name).groups)
   merges = spec.composed(merges, needed)
   trunk = None if stop_at is None else frozenset(needed)
   leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel))

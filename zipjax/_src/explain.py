@@ -104,6 +104,7 @@ def explain(variables: Any, spec: spec_lib.Spec, *, stop_at: str | None = None) 
       rows.append(LeafReport(path, shape, PER_MODEL, f"after {stop_at!r}: in every head", False))
       continue
     parts = [f"axis {a}: {_MATRIX[ax.role]} of {ax.space}"
+             + (f" (one of {ax.groups} groups, by axis {ax.by})" if ax.groups > 1 else "")
              for a, ax in sorted(axes.items()) if trunk is None or ax.space in trunk]
     parts += [f"axis {a} averaged: {why}" for a, why in sorted(notes.items())]
     if axes:

@@ -5,7 +5,9 @@ axis of the program into feature spaces with a union-find over its equations:
 
 - ``dot_general`` and ``conv_general_dilated`` tie the contracted axis of the weight to the
   feature axis of the input (the weight *reads* that space: role 'in') and link the weight's
-  output axis to the result's feature axis (it *writes* that space: role 'out');
+  output axis to the result's feature axis (it *writes* that space: role 'out'); a grouped
+  convolution's weight reads one group's slice of the input space (``Axis.groups``), and its
+  input and output spaces are matched in groups;
 - element-wise operations, with their size-1 broadcasting, unify the axes they align (a bias,
   a BatchNorm or LayerNorm scale, a residual add); a parameter that reaches the activations
   through ``sqrt``/``rsqrt`` (a BatchNorm running variance) gets role 'var';
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -114,10 +118,18 @@ class _Unsupported(Exception):
 # Messages
 
 
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  dirs = [os.path.dirname(m.__file__) for m in (jax, jaxlib, flax)]
+  dirs.append(os.path.dirname(os.path.abspath(__file__)))  # zipjax/_src
+  return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
 def _is_library_file(filename: str) -> bool:
-  parts = filename.replace("\\", "/").split("/")[-4:-1]
-  return (any(p in ("jax", "jaxlib", "flax") for p in parts)
-          or ("zipjax" in parts and "_src" in parts))
+  """Whether a traceback frame is inside jax, jaxlib, flax or zipjax's internals."""
+  return os.path.realpath(filename).startswith(_library_dirs())
 
 
 def _where(eqn) -> str:
@@ -189,6 +201,9 @@ class _Rule:
   # groups joined back. Between the two the features may be permuted within their groups.
   splits: list = dataclasses.field(default_factory=list)
   joins: list = dataclasses.field(default_factory=list)
+  # (weight, its axis, activation, its axis, groups, weight's group axis, output, its axis):
+  # a grouped convolution, whose weight axis reads one group's slice of the activation axis.
+  slices: list = dataclasses.field(default_factory=list)
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -325,10 +340,10 @@ def _conv(eqn) -> _Rule:
   elif groups == lshape[lhs[1]] and rshape[rhs[0]] == groups:
     # Depthwise: output channel c reads input channel c only.
     rule.links += [(0, lhs[1], 0, out[1]), (1, rhs[0], 0, out[1])]
-  else:
-    reason = "grouped convolution"
-    rule.pin_in += [(0, lhs[1], reason), (1, rhs[0], reason), (1, rhs[1], reason)]
-    rule.pin_out.append((0, out[1], reason))
+  else:  # Grouped: output channel o reads group o // (out / groups) of the input channels.
+    rule.links.append((1, rhs[0], 0, out[1]))
+    rule.contract |= {(0, lhs[1]), (1, rhs[1])}
+    rule.slices.append((1, rhs[1], 0, lhs[1], groups, rhs[0], 0, out[1]))
   return rule
 
 
@@ -581,7 +596,8 @@ class _SpaceInfo:
   name_hint: str
   order: tuple
   parts: tuple = ()  # a space made of spaces: ((part root or None, width, repeats), ...)
-  groups: int = 1  # matched group by group (GroupNorm)
+  groups: int = 1  # matched group by group (GroupNorm, grouped convolutions)
+  slices: dict = dataclasses.field(default_factory=dict)  # {(leaf, axis): (groups, by axis)}
 
 
 class _Analysis:
@@ -601,6 +617,9 @@ class _Analysis:
     # groups, eqn, callers)], and the joins seen: [(split index, joined output node)].
     self.splits: list = []
     self.joins: list = []
+    # Grouped convolutions: [(activation node, output node, leaf, axis, by axis, groups)].
+    self.slices: list = []
+    self._slice_readers: dict = {}  # (leaf, axis) -> the first activation node it reads
     self.refusals: list = []  # (node, eqn, reason, location)
     self.bilinear: list = []  # (node, eqn, location): axes of a product of two activations
     self.dynamic: set = set()  # (scope, var) depending on the model's inputs
@@ -777,6 +796,23 @@ class _Analysis:
           made.append((self.node(scope, v, a), width, repeats))
           readers.append((self._pos, scope, v, a))
       self.composites.append((self.node(scope, outs[j], b), made, readers))
+    for w, wa, i, a, num, wb, j, b in rule.slices:
+      org = None if dyn[w] or _is_literal(ins[w]) else self.origins.get((scope, ins[w]))
+      slice_of = org[wa] if org else {}
+      by_of = org[wb] if org else {}
+      leaf = next(iter(slice_of), None)
+      by = next((lb for (k, lb) in by_of if leaf and k == leaf[0]), None)
+      if dyn[i] and len(slice_of) == 1 and by is not None:
+        act = self.node(scope, ins[i], a)
+        # One kernel applied to several inputs: like a tie, they share one space.
+        self.uf.union(self._slice_readers.setdefault(leaf, act), act)
+        self.slices.append((act, self.node(scope, outs[j], b), leaf[0], leaf[1], by, num))
+        self.readers.setdefault((scope, ins[i], a), self._pos)
+      else:
+        reason = "grouped convolution whose kernel is not a parameter"
+        for x, ax in ((ins[w], wa), (ins[w], wb), (ins[i], a)):
+          self.pin(scope, x, ax, reason, eqn)
+        self.pin(scope, outs[j], b, reason, eqn)
     for i, a, reason in rule.refuse_in:
       if not _is_literal(ins[i]):
         self.refusals.append((self.node(scope, ins[i], a), eqn, reason,
@@ -969,6 +1005,52 @@ class _Analysis:
       return reason
     return None
 
+  def _grouped_convolutions(self, groups: dict, pinned: set, reasons: dict) -> dict:
+    """Moves each grouped convolution's kernel slice axis into the space of the activation it
+    reads, and has that space and the one the convolution writes matched within the groups
+    (with GroupNorm's groups: the least common multiple). Returns {(leaf, axis): (groups,
+    by axis)} for the slice axes."""
+    top = self.closed.jaxpr
+    composites = {self.uf.find(node) for node, _, _ in self.composites}
+    need: dict = {}
+    slice_of: dict = {}
+    for act, out, k, la, lb, num in self.slices:
+      ra, ro = self.uf.find(act), self.uf.find(out)
+      if (k, la) in slice_of:
+        continue
+      rs = self.find((), top.invars[k], la)
+      slice_of[(k, la)] = (num, lb)
+      groups.pop(rs, None)
+      groups[ra].append((k, la))
+      why = None
+      if ra in composites:
+        why = "a grouped convolution reads a concatenation or a flattened map"
+      elif rs in pinned or rs == ra:
+        why = "a grouped convolution's kernel is used in other ways too"
+      if why is not None:
+        for r in (ra, ro):
+          if r not in pinned:
+            pinned.add(r)
+            reasons[r] = f"{why}; zipjax does not merge such an axis yet"
+        continue
+      for r in (ra, ro):
+        need[r] = math.lcm(need.get(r, 1), num)
+    for root, num in need.items():
+      if root in pinned:
+        continue
+      total = math.lcm(self.grouped.get(root, 1), num)
+      full = [ka for ka in groups.get(root, ()) if ka not in slice_of]
+      width = _shape(top.invars[full[0][0]])[full[0][1]] if full else None
+      if width is not None and width % total:
+        pinned.add(root)
+        reasons[root] = (f"split into {self.grouped.get(root, 1)} groups (GroupNorm) and {num} "
+                         "(a grouped convolution), which do not nest; zipjax does not merge such "
+                         "an axis yet")
+        self.grouped.pop(root, None)
+      else:
+        self.grouped[root] = total
+    return slice_of
+
   def conclude(self) -> tuple[list[_SpaceInfo], list[frozenset]]:
     """The merged spaces in network order, and the keys of those that are stop points.
 
@@ -1007,6 +1089,7 @@ class _Analysis:
         reasons[root] = (f"{why} ({eqn.primitive.name} at {_location(eqn, callers)}); zipjax "
                          "does not merge such an axis yet")
     self.grouped = {r: n for r, n in self.grouped.items() if r not in pinned}
+    slice_of = self._grouped_convolutions(groups, pinned, reasons)
 
     def leave(axes, why):
       for ka in axes:
@@ -1170,8 +1253,9 @@ class _Analysis:
         continue
       captures = [_Capture(s, v, a) for (s, v), (_, a) in
                   sorted(caps.items(), key=lambda kv: kv[1][0])]
-      k0, a0 = next(iter(roles))
-      width = _shape(top.invars[k0])[a0]
+      k0, a0 = next((ka for ka in roles if ka not in slice_of), next(iter(roles)))
+      width = _shape(top.invars[k0])[a0] * (slice_of[(k0, a0)][0] if (k0, a0) in slice_of
+                                            else 1)
       leaf_axes = {ka: roles[ka] for ka in sorted(roles)}
       key = frozenset((self.paths[k], a, role) for (k, a), role in leaf_axes.items())
       writers = sorted((min(self.roles.get(ka, {}).values(), default=1 << 60), ka)
@@ -1180,7 +1264,8 @@ class _Analysis:
       spaces.append(_SpaceInfo(key=key, width=width, leaf_axes=leaf_axes, captures=captures,
                                name_hint=_module_name(self.paths[first]),
                                order=(last.get(root, (0,))[0], root),
-                               groups=self.grouped.get(root, 1)))
+                               groups=self.grouped.get(root, 1),
+                               slices={ka: slice_of[ka] for ka in leaf_axes if ka in slice_of}))
     spaces.sort(key=lambda s: s.order)
     base = {s.order[1]: s for s in spaces}
     for root, roles in composed.items():
@@ -1472,7 +1557,7 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
   leaves: dict = {p: {} for p in paths}
   for s, n in zip(plan.spaces, names):
     for (k, a), role in s.leaf_axes.items():
-      leaves[paths[k]][a] = spec_lib.Axis(n, role)
+      leaves[paths[k]][a] = spec_lib.Axis(n, role, *s.slices.get((k, a), (1, None)))
   plans = {_shape_key(variables, sample_input): plan}
 
   def plan_for(v, x) -> _Plan:

@@ -84,14 +84,57 @@ class Space:
 
 @dataclasses.dataclass(frozen=True)
 class Axis:
-  """What one array axis does with a space: ``role`` is 'out', 'in' or 'var'."""
+  """What one array axis does with a space: ``role`` is 'out', 'in' or 'var'.
+
+  An 'in' axis with ``groups`` > 1 reads one group's slice of the space (width / groups
+  features): the kernel of a grouped convolution, (*window, in / groups, out), whose output
+  channel o reads group o // (out / groups) of its input. ``by`` is the leaf's axis that says
+  which group (the output channels; -1 in flax's layout). The space, and the space of the
+  ``by`` axis if it is merged, are matched within groups (their ``groups`` a multiple of this
+  one), so each merged output channel reads the merged slice of its own group.
+  """
 
   space: str
   role: str
+  groups: int = 1
+  by: int | None = None
 
   def __post_init__(self):
     if self.role not in _ROLES:
       raise SpecError(f"Axis role must be one of {_ROLES}, got {self.role!r}.")
+    if self.groups < 1 or (self.groups > 1) != (self.by is not None):
+      raise SpecError(f"Axis of space {self.space!r}: groups={self.groups} needs by= (the axis "
+                      "that selects each slice's group), and by= needs groups > 1.")
+    if self.groups > 1 and self.role != IN:
+      raise SpecError(f"Axis of space {self.space!r}: only an 'in' axis reads one group's "
+                      f"slice of a space; got role {self.role!r} with groups={self.groups}.")
+
+
+def _group_mask(n: int, c: int, groups: int, axis: int, by: int, ndim: int, dtype, xp):
+  """1 where slice position i of the whole space (size n * groups along ``axis``) lies in the
+  group of index o along ``by`` (size c), else 0; shaped to broadcast against the leaf."""
+  block = xp.arange(n * groups) // n
+  group = xp.arange(c) // (c // groups)
+  shape_a, shape_b = [1] * ndim, [1] * ndim
+  shape_a[axis], shape_b[by] = n * groups, c
+  return (block.reshape(shape_a) == group.reshape(shape_b)).astype(dtype)
+
+
+def expand_groups(x, axis: int, by: int, groups: int, xp=jnp):
+  """A leaf whose ``axis`` holds one group's slice (see :class:`Axis`) as the same map over
+  the whole space: ``axis`` grows ``groups`` times, zero outside each ``by`` index's group
+  (a grouped convolution's kernel as the block-diagonal kernel of a plain one)."""
+  n, c = x.shape[axis], x.shape[by]
+  tiled = xp.concatenate([x] * groups, axis=axis)
+  return tiled * _group_mask(n, c, groups, axis, by, x.ndim, x.dtype, xp)
+
+
+def compress_groups(y, axis: int, by: int, groups: int, xp=jnp):
+  """The inverse of :func:`expand_groups`: each ``by`` index's slice of its own group
+  (entries outside it, zero for merges that keep groups, are dropped)."""
+  n, c = y.shape[axis] // groups, y.shape[by]
+  y = y * _group_mask(n, c, groups, axis, by, y.ndim, y.dtype, xp)
+  return y.reshape(y.shape[:axis] + (groups, n) + y.shape[axis + 1:]).sum(axis=axis)
 
 
 # A leaf's axes: {axis index (negative counts from the end): Axis}. Empty: untouched.
@@ -166,9 +209,23 @@ def dense(name: str | Sequence[str], in_space: str | None, out_space: str | None
 
 
 def conv(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
-         bias: bool = True, collection: str | None = "params") -> dict[Path, LeafAxes]:
-  """``nn.Conv`` / ``nnx.Conv`` of any spatial rank: kernel (*window, in, out), bias (out)."""
-  return dense(name, in_space, out_space, bias=bias, collection=collection)
+         bias: bool = True, groups: int = 1,
+         collection: str | None = "params") -> dict[Path, LeafAxes]:
+  """``nn.Conv`` / ``nnx.Conv`` of any spatial rank: kernel (*window, in / groups, out),
+  bias (out).
+
+  ``groups`` is the layer's ``feature_group_count``: a grouped convolution's kernel reads one
+  group's slice of ``in_space`` (see :class:`Axis`); declare ``in_space`` and ``out_space``
+  with ``groups`` a multiple of it. A depthwise convolution (groups = channels, one output
+  per channel) writes the space it reads: declare it as ``conv(name, None, space)`` with the
+  default ``groups``.
+  """
+  leaves = dense(name, None, out_space, bias=bias, collection=collection)
+  if in_space is not None:
+    kernel = _prefix(collection) + _module_path(name) + ("kernel",)
+    leaves[kernel] = {-2: Axis(in_space, IN, groups, None if groups == 1 else -1),
+                      **leaves[kernel]}
+  return leaves
 
 
 def batchnorm(name: str | Sequence[str], space: str, *,
@@ -300,6 +357,9 @@ class Spec:
           raise SpecError(
               f"Leaf {fmt_path(path)} axis {axis} names the unknown space {ax.space!r}; "
               f"declare it in `spaces` (known: {names}).")
+      for axis, ax in axes.items():
+        if ax.groups > 1:
+          self.check_group_space(path, axis, ax, ax.space, "the space it reads")
     composite = {s.name for s in self.spaces if s.parts}
     for s in self.spaces:
       if not s.parts:
@@ -322,6 +382,18 @@ class Spec:
                       f"(spaces: {names}).")
     for stop in self.stop_points:
       self._check_stop_point(stop)
+
+  def check_group_space(self, path: Path, axis: int, ax: Axis, name: str, what: str) -> None:
+    """Raises unless space ``name`` is matched within the groups of ``ax``, an axis that
+    reads one group's slice (:class:`Axis`)."""
+    space = self.space(name)
+    if space.parts or space.groups % ax.groups:
+      raise SpecError(
+          f"Leaf {fmt_path(path)} axis {axis} reads one of {ax.groups} groups of {ax.space!r} "
+          f"(a grouped convolution), so {what}, {name!r}, must be matched within those "
+          f"groups: declare Space({name!r}, {space.width}, groups={ax.groups}) (or a multiple "
+          f"of {ax.groups}); it has groups={space.groups}"
+          + (" and is made of spaces." if space.parts else "."))
 
   def trunk_spaces(self, stop_at: str) -> tuple[str, ...]:
     """The spaces a partial zip at ``stop_at`` merges: those up to it in network order, and
@@ -406,8 +478,9 @@ class Spec:
     return self.space(space).width
 
   def leaf_axes(self, path: Path, ndim: int) -> dict[int, Axis]:
-    """The axes of one leaf with non-negative indices."""
-    return {a % ndim: ax for a, ax in self.leaves[path].items()}
+    """The axes of one leaf with non-negative indices (``by`` too)."""
+    return {a % ndim: ax if ax.by is None else dataclasses.replace(ax, by=ax.by % ndim)
+            for a, ax in self.leaves[path].items()}
 
   def __repr__(self):
     return (f"Spec({self.name!r}, {len(self.spaces)} spaces, {len(self.leaves)} leaves, "
@@ -578,7 +651,20 @@ def validate_flat(spec: Spec, flat: Mapping[Path, Any], *,
         raise SpecError(f"Leaf {fmt_path(path)} has shape {shape}, but the spec gives its axis "
                         f"{axis} to space {ax.space!r}.")
       width = spec.width(ax.space)
-      if shape[axis] != width:
+      if ax.groups > 1:
+        if not -len(shape) <= ax.by < len(shape) or ax.by % len(shape) == axis % len(shape):
+          raise SpecError(f"Leaf {fmt_path(path)} has shape {shape}; the spec's axis {axis} "
+                          f"reads groups selected by axis {ax.by}, which it does not have.")
+        by = spec.leaf_axes(path, len(shape)).get(ax.by % len(shape))
+        if by is not None:
+          spec.check_group_space(path, axis, ax, by.space, "the space its `by` axis writes")
+        if shape[axis] * ax.groups != width or shape[ax.by] % ax.groups:
+          raise SpecError(
+              f"Leaf {fmt_path(path)} axis {axis} has size {shape[axis]} (shape {shape}): "
+              f"one of {ax.groups} groups of space {ax.space!r} of width {width} needs "
+              f"{width // ax.groups}, and axis {ax.by} a multiple of {ax.groups}. Check the "
+              "layer's feature_group_count.")
+      elif shape[axis] != width:
         raise SpecError(
             f"Leaf {fmt_path(path)} axis {axis} has size {shape[axis]} (shape {shape}), but "
             f"space {ax.space!r} has width {width}. Fix the space width or the axis.")
@@ -705,8 +791,14 @@ def permute_spaces(variables: Variables, spec: Spec, key: jax.Array | None = Non
             if ax.space in perms]
     if axes:
       value = np.asarray(leaf)
+      grouped = [(axis, ax) for axis, ax in spec.leaf_axes(path, value.ndim).items()
+                 if ax.groups > 1]
+      for axis, ax in grouped:
+        value = expand_groups(value, axis, ax.by, ax.groups, xp=np)
       for axis, ax in axes:
         value = np.take(value, np.asarray(perms[ax.space]), axis=axis)
+      for axis, ax in grouped:
+        value = compress_groups(value, axis, ax.by, ax.groups, xp=np)
       leaf = jnp.asarray(value)
     out[path] = leaf
   return unflatten(out, variables)
