@@ -163,6 +163,38 @@ def test_nnx_modules_zip_to_a_module(nnx_pair):
     assert (m.bn1.use_running_average, m.drop.deterministic) == flag
 
 
+class Scaled(nnx.Module):
+  """A Linear layer and a fixed (non-parameter) scale: state outside what zipjax merges."""
+
+  def __init__(self, scale, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(5, 8, rngs=rngs)
+    self.fc2 = nnx.Linear(8, 3, rngs=rngs)
+    self.scale = nnx.Variable(jnp.full((5,), scale, jnp.float32))
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x * self.scale[...][None])))
+
+
+def test_nnx_zip_reuses_its_inferred_spec(monkeypatch):
+  from zipjax._src import nnx as nnx_lib  # pylint: disable=import-outside-toplevel
+  calls = []
+  infer = nnx_lib.infer_nnx_spec
+  monkeypatch.setattr(nnx_lib, "infer_nnx_spec", lambda *a, **k: calls.append(1) or infer(*a, **k))
+  monkeypatch.setattr(nnx_lib, "_SPECS", type(nnx_lib._SPECS)())  # pylint: disable=protected-access
+  data = _batches((6, 5))
+  a, b = Scaled(1.0, nnx.Rngs(0)), Scaled(1.0, nnx.Rngs(1))
+  first = zipjax.zip(a, b, data=data)
+  again = zipjax.zip(a, b, data=data)
+  assert len(calls) == 1  # same structure, shapes, other state and input shapes
+  np.testing.assert_array_equal(first(data[0]), again(data[0]))
+  zipjax.zip(a, b, data=_batches((4, 5)))  # other input shapes: inferred again
+  assert len(calls) == 2
+  c, d = Scaled(2.0, nnx.Rngs(0)), Scaled(2.0, nnx.Rngs(1))  # another fixed scale
+  scaled = zipjax.zip(c, d, data=data)
+  assert len(calls) == 3
+  assert scaled.scale[...][0] == 2.0
+
+
 def test_nnx_self_merge_is_exact(nnx_pair):
   a, _, data = nnx_pair
   same = zipjax.zip(a, a, data=data, reset_bn=False)

@@ -9,8 +9,13 @@ running statistics, dropout off).
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zipjax._src import spec as spec_lib
@@ -114,6 +119,45 @@ def infer_nnx_spec(module: nnx.Module, sample_input: Any, *, attention: str = "r
   return infer.infer_spec(apply, state, sample_input, attention=attention,
                           batchnorm_stats=_batchnorm_stats(module_of),
                           name=name or type(module).__name__)
+
+
+_SPECS: collections.OrderedDict = collections.OrderedDict()
+_MAX_SPECS = 8
+
+
+def _fingerprint(leaf: Any) -> Any:
+  """A hashable stand-in for one leaf of a module's other state, by value."""
+  if isinstance(leaf, (jax.Array, np.ndarray)):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    value = np.asarray(leaf)
+    return (value.shape, str(value.dtype), hashlib.sha1(value.tobytes()).hexdigest())
+  return repr(leaf)
+
+
+def inferred_spec(graphdef, state: nnx.State, rest: nnx.State,
+                  sample_input: Any) -> spec_lib.Spec:
+  """:func:`infer_nnx_spec` of the module ``(graphdef, state, rest)``, cached: the same
+  module structure, parameter shapes and dtypes, other state (by value) and input shapes give
+  the same spec object, so a second zip of such modules compiles nothing again. The last
+  few specs are kept."""
+  graph = graphdef
+  abstract = lambda tree: jax.tree.map(  # noqa: E731
+      lambda a: (np.shape(a), str(jnp.result_type(a))), tree)
+  try:
+    hash(graphdef)
+  except TypeError:  # attributes that are lists: its text (static values, functions by id)
+    graphdef = repr(graphdef)
+  key = (graphdef, jax.tree.structure(state), tuple(jax.tree.leaves(abstract(state))),
+         tuple(_fingerprint(a) for a in jax.tree.leaves(rest)),
+         jax.tree.structure(sample_input), tuple(jax.tree.leaves(abstract(sample_input))))
+  if key in _SPECS:
+    _SPECS.move_to_end(key)
+    return _SPECS[key]
+  spec = _SPECS[key] = infer_nnx_spec(merge(graph, state, rest), sample_input)
+  while len(_SPECS) > _MAX_SPECS:
+    _SPECS.popitem(last=False)
+  return spec
 
 
 def merge(graphdef, state: nnx.State, rest: nnx.State) -> nnx.Module:

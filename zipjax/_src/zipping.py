@@ -63,8 +63,8 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
   if any(nnx_lib.is_module(m) for m in models):
     graphdef, models, rest = nnx_lib.split_models(models)
     if spec is None:
-      spec = nnx_lib.infer_nnx_spec(nnx_lib.merge(graphdef, models[0], rest),
-                                    data_lib.first_input(data, what="inferring a spec"))
+      spec = nnx_lib.inferred_spec(graphdef, models[0], rest,
+                                   data_lib.first_input(data, what="inferring a spec"))
   elif spec is None:
     raise TypeError("zip needs the models' spec: zipjax.models.* return one with the module, "
                     "zipjax.infer_spec(module_or_apply_fn, variables, x) infers one, "
@@ -107,7 +107,8 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
       ...), or two ``flax.nnx`` modules.
     spec: the models' zip spec: from ``zipjax.models``, :func:`zipjax.infer_spec` or
       declared with ``zipjax.spec``. Optional for NNX modules (inferred from their forward
-      pass on the first calibration batch; pass one to reuse compiled programs across calls).
+      pass on the first calibration batch, and reused by later zips of modules of the same
+      structure, shapes and input shapes, so they compile nothing again).
     data: the calibration data: a re-iterable collection of batches (a list; each batch an
       input array with a leading batch axis, an (inputs, labels) tuple, or a dict with an
       'image', 'x' or 'inputs' entry). zip passes over it twice.
