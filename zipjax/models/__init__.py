@@ -2,6 +2,9 @@
 or for ``nnx_*`` an initialised Flax NNX module."""
 
 from zipjax.models.mlp import mlp
+from zipjax.models.official import from_official_resnet20
+from zipjax.models.official import from_official_vgg
+from zipjax.models.official import load_torch_checkpoint
 from zipjax.models.resnet import nnx_resnet20
 from zipjax.models.resnet import resnet20
 from zipjax.models.resnet import resnet50
@@ -9,6 +12,9 @@ from zipjax.models.vgg import vgg11
 from zipjax.models.vgg import vgg16
 
 __all__ = (
+    "from_official_resnet20",
+    "from_official_vgg",
+    "load_torch_checkpoint",
     "mlp",
     "nnx_resnet20",
     "resnet20",

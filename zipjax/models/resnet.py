@@ -20,6 +20,18 @@ def _bn(train: bool, name: str):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
 
 
+#: How ResNet-20's 3x3 convolutions pad: "same" (XLA's SAME: a stride-2 conv on 32 pixels
+#: pads 0 before and 1 after) or "pytorch" (1 on every side, as PyTorch's padding=1 and the
+#: official ZipIt! models do). Same shapes, different functions.
+PADDINGS = {"same": "SAME", "pytorch": ((1, 1), (1, 1))}
+
+
+def _padding(padding: str):
+  if padding not in PADDINGS:
+    raise ValueError(f"padding must be one of {sorted(PADDINGS)}, got {padding!r}.")
+  return PADDINGS[padding]
+
+
 class BasicBlock(nn.Module):
   """3x3 conv, BN, ReLU, 3x3 conv, BN, plus a shortcut (3x3 conv + BN where shapes change)."""
 
@@ -27,10 +39,12 @@ class BasicBlock(nn.Module):
   strides: int
   stream: str
   inner: str
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, self.features, (3, 3), use_bias=False)
+    conv = functools.partial(nn.Conv, self.features, (3, 3), use_bias=False,
+                             padding=_padding(self.padding))
     y = conv(strides=self.strides, name="conv1")(x)
     y = nn.relu(_bn(train, "bn1")(y))
     S.capture(self, self.inner, y)
@@ -46,17 +60,20 @@ class BasicBlock(nn.Module):
 class ResNet20(nn.Module):
   width: float = 1.0
   num_outputs: int = 10
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = _resnet20_widths(self.width)
-    x = nn.Conv(widths[0], (3, 3), use_bias=False, name="stem_conv")(x.astype(jnp.float32))
+    x = nn.Conv(widths[0], (3, 3), use_bias=False, padding=_padding(self.padding),
+                name="stem_conv")(x.astype(jnp.float32))
     x = nn.relu(_bn(train, "stem_bn")(x))
     S.capture(self, "stage1", x)
     for s, w in enumerate(widths, start=1):
       for b in range(3):
         x = BasicBlock(w, 2 if (s > 1 and b == 0) else 1, stream=f"stage{s}",
-                       inner=f"stage{s}_block{b}", name=f"stage{s}_block{b}")(x, train)
+                       inner=f"stage{s}_block{b}", padding=self.padding,
+                       name=f"stage{s}_block{b}")(x, train)
     return nn.Dense(self.num_outputs, name="head")(x.mean(axis=(1, 2)))
 
 
@@ -65,12 +82,18 @@ def _resnet20_widths(width: float) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def resnet20(width: float = 1.0, num_outputs: int = 10) -> tuple[ResNet20, S.Spec]:
+def resnet20(width: float = 1.0, num_outputs: int = 10, *,
+             padding: str = "same") -> tuple[ResNet20, S.Spec]:
   """CIFAR ResNet-20 with 16w/32w/64w channels; stop points are the ends of the 3 stages.
+
+  The shortcut of a stage's first block is a 3x3 conv + BatchNorm, as in the official ZipIt!
+  models. ``padding="pytorch"`` pads every 3x3 conv by 1 on each side, as PyTorch does: the
+  architecture of the official checkpoints (see ``zipjax.models.from_official_resnet20``);
+  the default "same" pads a stride-2 conv 0 before and 1 after.
 
   Cached: the same arguments give the same (module, spec) objects, so the programs zipjax
   compiled for one call serve the next (a spec is hashed by identity)."""
-  module = ResNet20(width=width, num_outputs=num_outputs)
+  module = ResNet20(width=width, num_outputs=num_outputs, padding=padding)
   spaces, leaves = _resnet20_spec_parts(width, collection="params")
   return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
                               stop_points=[f"stage{s}" for s in (1, 2, 3)],
