@@ -5,6 +5,9 @@ from zipjax._src.match import greedy_reference
 from zipjax._src.match import identity
 from zipjax._src.match import kmeans
 from zipjax._src.match import Matcher
+from zipjax._src.official import official
+from zipjax._src.official import official_budget
+from zipjax._src.official import official_correlation
 from zipjax._src.match import WholeModelMatcher
 from zipjax._src.merge import DenseMerge
 from zipjax._src.merge import GroupMerge
@@ -25,6 +28,9 @@ __all__ = (
     "Matcher",
     "Merge",
     "merge_from_groups",
+    "official",
+    "official_budget",
+    "official_correlation",
     "optimal",
     "permute",
     "same_model_budget",

@@ -9,6 +9,7 @@ from zipjax._src.spec import dense
 from zipjax._src.spec import expand_groups
 from zipjax._src.spec import FEATURES
 from zipjax._src.spec import IN
+from zipjax._src.spec import last_captures
 from zipjax._src.spec import layernorm
 from zipjax._src.spec import linen_spec
 from zipjax._src.nnx import nnx_spec
@@ -28,6 +29,7 @@ __all__ = (
     "expand_groups",
     "FEATURES",
     "IN",
+    "last_captures",
     "layernorm",
     "linen_spec",
     "nnx_spec",

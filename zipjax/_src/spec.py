@@ -744,6 +744,22 @@ def check_models(spec: Spec, variables_list: Sequence[Any], *,
 # Permutations: the test that a spec is right.
 
 
+def last_captures(spec: Spec) -> Spec:
+  """``spec`` with only the last capture of every space kept as its features.
+
+  A residual stream captured after every block is then sampled once, where its stage ends
+  (what the next stage, or the pooling, reads): the capture point of the official ZipIt!
+  code. Spaces captured once are unchanged. The result is a new spec (compiled programs are
+  not shared with ``spec``).
+  """
+  features = spec.features
+
+  def last(variables, x):
+    return {name: list(found)[-1:] for name, found in features(variables, x).items()}
+
+  return dataclasses.replace(spec, features=last, name=f"{spec.name} (last captures)")
+
+
 def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:
   """One random permutation per space (a space made of spaces permutes as its parts)."""
   base = [s for s in spec.spaces if not s.parts]
