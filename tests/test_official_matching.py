@@ -70,3 +70,15 @@ def test_last_captures_sample_each_stream_where_its_stage_ends():
   assert {k: len(v) for k, v in last.items()} == {k: 1 for k in every}
   for k in every:
     np.testing.assert_array_equal(last[k][0], every[k][-1])
+
+
+def test_compute_merges_gives_the_official_matcher_the_official_correlation():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import zipjax  # pylint: disable=import-outside-toplevel
+  cov, params, M, U = CASES[0]
+  stats = zipjax.FeatureStats(jnp.asarray(2), jnp.zeros(cov.shape[0]), jnp.asarray(cov))
+  matcher = match.official(alpha=params[2], beta=params[3])
+  assert isinstance(matcher, match.OwnCorrelation) and matcher.__name__.startswith("official(")
+  merge = zipjax.compute_merges({"s": stats}, num_models=int(params[0]), matcher=matcher)["s"]
+  np.testing.assert_array_equal(np.asarray(merge.U), U)
+  np.testing.assert_array_equal(np.asarray(merge.M), M)

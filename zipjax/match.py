@@ -5,7 +5,9 @@ from zipjax._src.match import greedy_reference
 from zipjax._src.match import identity
 from zipjax._src.match import kmeans
 from zipjax._src.match import Matcher
+from zipjax._src.match import OwnCorrelation
 from zipjax._src.official import official
+from zipjax._src.official import OfficialMatcher
 from zipjax._src.official import official_budget
 from zipjax._src.official import official_correlation
 from zipjax._src.match import WholeModelMatcher
@@ -29,9 +31,11 @@ __all__ = (
     "Merge",
     "merge_from_groups",
     "official",
+    "OfficialMatcher",
     "official_budget",
     "official_correlation",
     "optimal",
+    "OwnCorrelation",
     "permute",
     "same_model_budget",
     "weight_matching",

@@ -17,7 +17,7 @@ import inspect
 import itertools
 import math
 import numbers
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.optimize
@@ -31,6 +31,16 @@ class Matcher(Protocol):
   """A per-space matcher: the (N*n, N*n) correlation of N models' features to a Merge."""
 
   def __call__(self, corr: np.ndarray, *, num_models: int) -> Merge:
+    ...
+
+
+@runtime_checkable
+class OwnCorrelation(Protocol):
+  """A matcher that computes its correlation from the covariance itself (the official
+  ZipIt! matcher): ``compute_merges`` calls it on ``matcher.correlation(covariance)``
+  instead of zipjax's :func:`zipjax.correlation`."""
+
+  def correlation(self, covariance: np.ndarray) -> np.ndarray:
     ...
 
 

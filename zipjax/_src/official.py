@@ -24,6 +24,8 @@ maximum in row-major order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from zipjax._src.merge import DenseMerge
@@ -121,25 +123,44 @@ def official_zipit_merge(corr: np.ndarray, *, num_models: int, alpha: float = OF
   return DenseMerge(merge.T, unmerge)
 
 
-def official(*, alpha: float = OFFICIAL_ALPHA, beta: float = OFFICIAL_BETA):
+@dataclasses.dataclass(frozen=True)
+class OfficialMatcher:
+  """The official ZipIt! matcher (see :func:`official`). A :class:`Matcher` on a given
+  correlation, and an :class:`OwnCorrelation`: ``compute_merges`` and ``zip`` feed it the
+  official correlation of the features' covariance."""
+
+  alpha: float = OFFICIAL_ALPHA
+  beta: float = OFFICIAL_BETA
+
+  def __call__(self, corr, *, num_models: int) -> DenseMerge:
+    return official_zipit_merge(np.asarray(corr), num_models=num_models, alpha=self.alpha,
+                                beta=self.beta)
+
+  def correlation(self, covariance) -> np.ndarray:
+    return official_correlation(covariance)
+
+  @property
+  def __name__(self) -> str:  # like the other matchers, which are functions
+    return f"official(alpha={self.alpha}, beta={self.beta})"
+
+
+def official(*, alpha: float = OFFICIAL_ALPHA, beta: float = OFFICIAL_BETA) -> OfficialMatcher:
   """The official ZipIt! matcher (``match_tensors_zipit`` of gstoica27/ZipIt), quirks
   included (see the module docstring): the reference mode for reproducing published numbers.
 
-  Its merges are :class:`DenseMerge`s. On the same correlation it makes the same merges as
-  the official code, bit for bit (tested against merges recorded from it). Feed it
-  :func:`official_correlation` of the covariance for the official correlation; zipjax's
-  ``correlation`` agrees with it for features whose variance is not zero, up to rounding.
+  On the same correlation it makes the same merges as the official code, bit for bit (tested
+  against merges recorded from it); ``zip`` and ``compute_merges`` give it the official
+  correlation of the features' covariance (:func:`official_correlation`). Its merges are
+  :class:`DenseMerge`s, M = P^T / (|g| + 1e-5).
 
   Args:
     alpha: how strongly merged features attract further merges (official default 0.3; any
       value, <= 0 switching to the official code's blocking of model ranges).
     beta: the same-model budget fraction (official default 0.125).
+
+  Example::
+
+    spec = zipjax.spec.last_captures(spec)   # the streams where the official code samples them
+    merged = zipjax.zip(a, b, spec, data=batches, matcher=zipjax.match.official())
   """
-  alpha, beta = float(alpha), float(beta)
-
-  def matcher(corr, *, num_models: int) -> DenseMerge:
-    return official_zipit_merge(np.asarray(corr), num_models=num_models, alpha=alpha,
-                                beta=beta)
-
-  matcher.__name__ = f"official(alpha={alpha}, beta={beta})"
-  return matcher
+  return OfficialMatcher(float(alpha), float(beta))

@@ -33,8 +33,12 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     items = tqdm.tqdm(items, desc="matching", leave=False)
-  return {name: match_lib.match_in_groups(matcher, np.asarray(stats_lib.correlation(s)),
-                                          num_models=num_models, groups=groups.get(name, 1))
+  if isinstance(matcher, match_lib.OwnCorrelation):
+    corr_of = lambda s: matcher.correlation(np.asarray(s.covariance))  # noqa: E731
+  else:
+    corr_of = lambda s: np.asarray(stats_lib.correlation(s))  # noqa: E731
+  return {name: match_lib.match_in_groups(matcher, corr_of(s), num_models=num_models,
+                                          groups=groups.get(name, 1))
           for name, s in items}
 
 
