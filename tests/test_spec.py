@@ -12,13 +12,13 @@ from zipjax import spec as S
 from tests import zoo
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.NAMES)
 def test_check_spec_passes_on_zoo(name):
   spec, (v, _), data = zoo.make(name)
   zipjax.check_spec(v, spec, data[0], key=jax.random.key(3))
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.NAMES)
 def test_permute_spaces_preserves_function_and_changes_weights(name):
   spec, (v, _), data = zoo.make(name)
   vp = zipjax.permute_spaces(v, spec, jax.random.key(1))

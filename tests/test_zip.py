@@ -25,7 +25,7 @@ def _rel_diff(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.fixture(scope="module", params=list(zoo.ZOO))
+@pytest.fixture(scope="module", params=zoo.NAMES)
 def model_case(request):
   spec, (va, vb), data = zoo.make(request.param)
   return spec, zipjax.reset_batchnorm(va, spec, data), vb, data
@@ -260,7 +260,7 @@ def test_apply_merges_equals_numpy_reference(name, num_models, kind, kernel):
         want[path]).max(), err_msg=spec_lib.fmt_path(path))
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.NAMES)
 def test_apply_merges_of_copies_is_exact_without_a_reset(name):
   # A self-merge and a permuted copy, merged by identity / the permutation: every leaf comes
   # back, BatchNorm layers included, with no statistics recomputed.

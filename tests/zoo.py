@@ -7,6 +7,7 @@ passes (cached per spec) compile once per session. Callers must not mutate what 
 import functools
 
 import jax
+import pytest
 
 from zipjax import models
 
@@ -18,6 +19,11 @@ ZOO = {
     "resnet20": (lambda: models.resnet20(width=0.5, num_outputs=5), (16, 16, 3)),
     "resnet50": (lambda: models.resnet50(width=0.125, num_outputs=5), (32, 32, 3)),
 }
+
+
+#: The zoo models, ResNet-50 behind the slow marker (it takes a third of the zoo's time; the
+#: tests of inferred specs and a -m slow run still cover it).
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "resnet50" else n for n in ZOO]
 
 
 @functools.lru_cache(maxsize=None)
