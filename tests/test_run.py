@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import numpy as np
+import pytest
 
 from experiments import configs
 from experiments import run as run_lib
@@ -17,6 +18,7 @@ def _tiny_config():
                           "eval_batch_size=128")
 
 
+@pytest.mark.slow  # ~130 s; the runner end to end also runs in test_main_prints_the_table
 def test_runner_end_to_end_and_resumes_from_checkpoints(tmp_path):
   config = _tiny_config()
   rows, md = run_lib.run(config, out_dir=str(tmp_path), progress=False)

@@ -235,20 +235,24 @@ def data_parallel() -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the 8-device worker: ~20 s
 def test_data_parallel_training_matches_one_device(data_parallel):
   assert data_parallel["devices"] == 8
   assert data_parallel["max_abs_diff"] < 1e-5  # parameters and statistics are O(1)
   assert data_parallel["differs_from_init"]
 
 
+@pytest.mark.slow  # the 8-device worker: ~20 s
 def test_data_parallel_training_returns_single_device_arrays(data_parallel):
   assert data_parallel["out_devices"] == [1]
 
 
+@pytest.mark.slow  # the 8-device worker: ~20 s
 def test_checkpoint_of_a_data_parallel_run_restores_on_one_device(data_parallel):
   assert data_parallel["restored_equal"]
 
 
+@pytest.mark.slow  # the 8-device worker: ~20 s
 def test_data_parallel_training_refuses_an_uneven_batch(data_parallel):
   assert "batch_size=36 is not a multiple" in data_parallel["uneven"]
   assert "8 devices" in data_parallel["uneven"]
