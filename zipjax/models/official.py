@@ -90,6 +90,15 @@ def _batchnorm(state: dict, used: set, prefix: str, width: int) -> tuple[dict, d
   return params, stats
 
 
+def _linear(state: dict, used: set, name: str, width: int) -> dict:
+  """A torch Linear (weight (out, in), bias (out,)) reading ``width`` features, as flax's."""
+  weight = _take(state, used, f"{name}.weight")
+  if weight.ndim != 2 or weight.shape[1] != width:
+    raise SpecError(f"'{name}.weight' has shape {weight.shape}, expected (outputs, {width}).")
+  return {"kernel": np.ascontiguousarray(weight.T),
+          "bias": _take(state, used, f"{name}.bias", (weight.shape[0],))}
+
+
 def _check_all_used(state: dict, used: set, what: str) -> None:
   extra = sorted(set(state) - used)
   if extra:
@@ -136,11 +145,7 @@ def from_official_resnet20(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             state, used, f"{src}.shortcut.1", w)
       params[dst], stats[dst] = block_params, block_stats
       prev = w
-  head = _take(state, used, "linear.weight")
-  if head.ndim != 2 or head.shape[1] != prev:
-    raise SpecError(f"'linear.weight' has shape {head.shape}, expected (outputs, {prev}).")
-  params["head"] = {"kernel": np.ascontiguousarray(head.T),
-                    "bias": _take(state, used, "linear.bias", (head.shape[0],))}
+  params["head"] = _linear(state, used, "linear", prev)
   _check_all_used(state, used, f"ResNet-20 x{w0 // 16}")
   return {"params": params, "batch_stats": stats}
 
@@ -171,10 +176,6 @@ def from_official_vgg(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     params[f"conv{i}"] = {"kernel": _conv(kernel), "bias": _take(
         state, used, f"features.{index}.bias", (kernel.shape[0],))}
     prev = kernel.shape[0]
-  head = _take(state, used, "classifier.weight")
-  if head.ndim != 2 or head.shape[1] != prev:
-    raise SpecError(f"'classifier.weight' has shape {head.shape}, expected (outputs, {prev}).")
-  params["head"] = {"kernel": np.ascontiguousarray(head.T),
-                    "bias": _take(state, used, "classifier.bias", (head.shape[0],))}
+  params["head"] = _linear(state, used, "classifier", prev)
   _check_all_used(state, used, f"VGG with {len(found)} convs")
   return {"params": params}
