@@ -5,11 +5,13 @@ of its five classes for 25 epochs (SGD, batch 128, peak learning rate 0.1 after 
 warm-up, then linear decay; crop and flip). Then merged fully and partially (stops after stage
 3, 2 and 1). Training checkpoints after every epoch and resumes, so it can span several runs
 of the command. Training is data-parallel over every local device; on a CPU, split the cores
-into 8 devices (a step over 128 images: 2.5 s on one device, 1.1 s on 8, on 2 cores; about 70
-minutes a model):
+into 8 devices (about 85 minutes a model on 2 cores). The training state of a model in
+progress may be kept in experiments/results/cifar10_resnet20x1_clip/training (pass it as
+--checkpoints) so that a later checkout resumes it:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python -m experiments.run --config cifar10_resnet20x1_clip --out runs/cifar10_r20x1_clip
+      python -m experiments.run --config cifar10_resnet20x1_clip --out runs/cifar10_r20x1_clip \\
+      --checkpoints experiments/results/cifar10_resnet20x1_clip/training
 
 The ``local`` variant (one pair, 500 images per class, 2 epochs) checks the pipeline in a few
 minutes.
