@@ -82,3 +82,39 @@ def test_compute_merges_gives_the_official_matcher_the_official_correlation():
   merge = zipjax.compute_merges({"s": stats}, num_models=int(params[0]), matcher=matcher)["s"]
   np.testing.assert_array_equal(np.asarray(merge.U), U)
   np.testing.assert_array_equal(np.asarray(merge.M), M)
+
+
+def _official_pipeline(models, spec, data, *, stop_at=None):
+  """The reference mode spelled out with the public functions it stands for."""
+  import zipjax  # pylint: disable=import-outside-toplevel
+  spec = zipjax.spec.last_captures(spec)
+  models = [zipjax.reset_batchnorm(m, spec, data, statistics="pytorch") for m in models]
+  stats = zipjax.compute_stats(models, spec, data)
+  merges = zipjax.compute_merges(stats, num_models=len(models), matcher=match.official())
+  merged = zipjax.apply_merges(models, spec, merges, stop_at=stop_at)
+  return zipjax.reset_batchnorm(merged, spec, data, statistics="pytorch")
+
+
+def test_official_mode_is_the_official_pipeline():
+  import jax  # pylint: disable=import-outside-toplevel
+  import zipjax  # pylint: disable=import-outside-toplevel
+  from tests import zoo  # pylint: disable=import-outside-toplevel
+  spec, (va, vb), data = zoo.make("resnet20")
+  merged = zipjax.zip(va, vb, spec, data=data, mode="official")
+  expected = _official_pipeline([va, vb], spec, data)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         merged, expected)
+  # and differs from the default, in the merges and in the reset
+  default = zipjax.zip(va, vb, spec, data=data)
+  same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.allclose, merged, default))
+  assert not all(same)
+
+
+def test_official_mode_refuses_other_matchers_and_unknown_modes():
+  import zipjax  # pylint: disable=import-outside-toplevel
+  from tests import zoo  # pylint: disable=import-outside-toplevel
+  spec, (va, vb), data = zoo.make("mlp")
+  with pytest.raises(ValueError, match=r"match.official\(alpha=..., beta=...\)"):
+    zipjax.zip(va, vb, spec, data=data, mode="official", matcher=match.greedy())
+  with pytest.raises(ValueError, match="mode must be one of"):
+    zipjax.zip(va, vb, spec, data=data, mode="paper")

@@ -15,6 +15,7 @@ from flax import nnx
 
 import zipjax
 from zipjax import models
+from zipjax._src import nnx as nnx_lib
 from zipjax._src import spec as spec_lib
 
 
@@ -215,6 +216,19 @@ def test_nnx_batchnorm_reset_recomputes_statistics(nnx_pair):
                              np.mean([b.mean((0, 1, 2)) for b in h], 0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(nnx.state(reset, nnx.BatchStat)["bn1"]["var"][...],
                              np.mean([b.var((0, 1, 2)) for b in h], 0), rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_pytorch_style_reset_takes_unbiased_variances(nnx_pair):
+  a, _, data = nnx_pair
+  spec = zipjax.infer_nnx_spec(a, data[0])
+  _, state, _ = nnx_lib.split(a)
+  flax_style = zipjax.reset_batchnorm(state, spec, data)
+  pytorch_style = zipjax.reset_batchnorm(state, spec, data, statistics="pytorch")
+  count = data[0].shape[0] * data[0].shape[1] * data[0].shape[2]  # batch x spatial at bn1
+  np.testing.assert_allclose(pytorch_style["bn1"]["var"][...],
+                             flax_style["bn1"]["var"][...] * count / (count - 1), rtol=1e-6)
+  np.testing.assert_array_equal(pytorch_style["bn1"]["mean"][...],
+                                flax_style["bn1"]["mean"][...])
 
 
 def test_nnx_partial_zip_gives_heads(nnx_pair):

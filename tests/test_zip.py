@@ -98,7 +98,10 @@ def _two_layer():
   return module, S.linen_spec(module, spaces=[S.Space("h", 4)], leaves=leaves)
 
 
-def test_batchnorm_reset_equals_numpy_batch_statistics():
+@pytest.mark.parametrize("statistics", ["flax", "pytorch"])
+def test_batchnorm_reset_equals_numpy_batch_statistics(statistics):
+  """flax: batches weighted by size, biased variances; pytorch (momentum=None): every batch
+  the same weight, unbiased variances."""
   module, spec = _two_layer()
   rng = np.random.default_rng(0)
   batches = [rng.normal(size=(n, 5)).astype(np.float32) for n in (32, 16)]
@@ -108,15 +111,16 @@ def test_batchnorm_reset_equals_numpy_batch_statistics():
   for x in batches:
     x = x.astype(np.float64)
     z1 = x @ p["d1"]["kernel"] + p["d1"]["bias"]
+    ddof = 1 if statistics == "pytorch" else 0
     means["bn1"].append(z1.mean(0))
-    vars_["bn1"].append(z1.var(0))
+    vars_["bn1"].append(z1.var(0, ddof=ddof))
     h = np.maximum((z1 - z1.mean(0)) / np.sqrt(z1.var(0) + 1e-5) * p["bn1"]["scale"]
                    + p["bn1"]["bias"], 0)
     z2 = h @ p["d2"]["kernel"] + p["d2"]["bias"]
     means["bn2"].append(z2.mean(0))
-    vars_["bn2"].append(z2.var(0))
-  reset = zipjax.reset_batchnorm(v, spec, batches)
-  w = np.array([32, 16]) / 48
+    vars_["bn2"].append(z2.var(0, ddof=ddof))
+  reset = zipjax.reset_batchnorm(v, spec, batches, statistics=statistics)
+  w = np.array([32, 16]) / 48 if statistics == "flax" else np.array([0.5, 0.5])
   for layer in ("bn1", "bn2"):
     np.testing.assert_allclose(reset["batch_stats"][layer]["mean"],
                                w @ np.stack(means[layer]), rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -62,20 +63,43 @@ def _runner(graphdef, rest) -> Callable[[Any], nnx.Module]:
 
 def _batchnorm_stats(module_of) -> Callable:
   """``batchnorm_stats(state, x)``: every ``nnx.BatchNorm`` normalising by the statistics of
-  the batch (momentum 0, so its running statistics become exactly the batch's)."""
+  the batch (momentum 0, so its running statistics become exactly the batch's), as {layer
+  path: (mean, var, count)}."""
 
   def batchnorm_stats(state, x):
     module = module_of(state)
-    found = False
-    for _, sub in nnx.iter_modules(module):
+    layers, counts = {}, {}
+    for path, sub in nnx.iter_modules(module):
       if isinstance(sub, nnx.BatchNorm):
-        sub.use_running_average, sub.momentum, found = False, 0.0, True
-    if not found:
+        sub.use_running_average, sub.momentum = False, 0.0
+        sub.promote_dtype = _counting(sub.promote_dtype, sub.axis, counts, tuple(path))
+        layers[tuple(path)] = sub
+    if not layers:
       return {}
     module(x)
-    return spec_lib.flatten(nnx.state(module, nnx.BatchStat))
+    stats = spec_lib.flatten(nnx.state(module, nnx.BatchStat))
+    out = {}
+    for path in layers:
+      if path in counts:
+        out[path] = (stats[path + ("mean",)], stats[path + ("var",)], counts[path])
+      else:  # not called: its (unchanged) statistics, which the reset reports as stale
+        out.update({p: v for p, v in stats.items() if p[:len(path)] == path})
+    return out
 
   return batchnorm_stats
+
+
+def _counting(promote_dtype: Callable, axis, counts: dict, path: tuple) -> Callable:
+  """``promote_dtype`` (which nnx.BatchNorm calls first with its input) also recording the
+  number of values behind each feature's statistics in ``counts[path]``."""
+
+  def promote(args, **kwargs):
+    x = args[0]
+    axes = {a % x.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))}
+    counts[path] = math.prod(d for i, d in enumerate(x.shape) if i not in axes)
+    return promote_dtype(args, **kwargs)
+
+  return promote
 
 
 def nnx_spec(module: nnx.Module, *, spaces: Iterable[spec_lib.Space],

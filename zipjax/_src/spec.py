@@ -24,6 +24,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -325,7 +326,10 @@ class Spec:
     batchnorm_stats: ``batchnorm_stats(variables, x) -> {leaf path: array}``: the batch mean
       and variance of every BatchNorm layer (``('batch_stats', 'bn1', 'mean')`` and ``(...,
       'var')`` in linen), computed with every BatchNorm layer normalising by the statistics
-      of the batch; ``{layer path: (mean, var)}`` is accepted too.
+      of the batch; ``{layer path: (mean, var)}`` is accepted too, and ``{layer path:
+      (mean, var, count)}`` with ``count`` (an int) the number of values behind each
+      channel's statistics (batch size times spatial positions), which the PyTorch-style
+      reset (unbiased variance) needs.
     name: a label for messages.
     unmerged: {leaf path: {axis: why}} for parameter axes that carry features but stay
       unmerged (filled by :func:`zipjax.infer_spec`; see :func:`zipjax.explain`).
@@ -505,11 +509,11 @@ def _batchnorm_interceptor(record: dict):
     mean = xf.mean(reduce)
     var = jnp.square(xf - jnp.expand_dims(mean, reduce)).mean(reduce)
     path = ("batch_stats",) + tuple(module.path)
-    if path + ("mean",) in record:
+    if path in record:
       raise SpecError(f"BatchNorm {fmt_path(module.path)} is called twice in one forward "
                       "pass; its statistics are ambiguous.")
-    record[path + ("mean",)] = mean
-    record[path + ("var",)] = var
+    # The count of values behind each channel's statistics: the unbiased variance needs it.
+    record[path] = (mean, var, math.prod(x.shape[i] for i in reduce))
     shape = [1] * x.ndim
     for a in axes:
       shape[a] = x.shape[a]
@@ -749,15 +753,22 @@ def last_captures(spec: Spec) -> Spec:
 
   A residual stream captured after every block is then sampled once, where its stage ends
   (what the next stage, or the pooling, reads): the capture point of the official ZipIt!
-  code. Spaces captured once are unchanged. The result is a new spec (compiled programs are
-  not shared with ``spec``).
+  code. Spaces captured once are unchanged. The result is a new spec, the same one for every
+  call on ``spec`` (so its compiled passes are reused).
   """
+  if spec in _LAST_CAPTURES:
+    return _LAST_CAPTURES[spec]
   features = spec.features
 
   def last(variables, x):
     return {name: list(found)[-1:] for name, found in features(variables, x).items()}
 
-  return dataclasses.replace(spec, features=last, name=f"{spec.name} (last captures)")
+  out = dataclasses.replace(spec, features=last, name=f"{spec.name} (last captures)")
+  _LAST_CAPTURES[spec] = out
+  return out
+
+
+_LAST_CAPTURES: "weakref.WeakKeyDictionary[Spec, Spec]" = weakref.WeakKeyDictionary()
 
 
 def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:

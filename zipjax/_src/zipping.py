@@ -13,9 +13,13 @@ from zipjax._src import data as data_lib
 from zipjax._src import explain as explain_lib
 from zipjax._src import match as match_lib
 from zipjax._src import nnx as nnx_lib
+from zipjax._src import official as official_lib
 from zipjax._src import spec as spec_lib
 from zipjax._src import stats as stats_lib
 from zipjax._src.multihead import MultiHead
+
+#: The values of ``zip(..., mode=)``.
+MODES = ("zipjax", "official")
 
 
 def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: int,
@@ -45,7 +49,7 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
              reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-             microbatch: int | str | None = "auto") -> Any:
+             microbatch: int | str | None = "auto", mode: str = "zipjax") -> Any:
   """Merges N >= 2 models of one architecture into one, without training.
 
   The arguments are those of :func:`zipjax.zip`, with ``models`` a sequence of N variables
@@ -63,6 +67,7 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
   data_lib.check_form(data)
   if matcher is not None:
     match_lib.check_matcher(matcher)
+  official = _check_mode(mode, matcher)
   graphdef = rest = None
   if any(nnx_lib.is_module(m) for m in models):
     graphdef, models, rest = nnx_lib.split_models(models)
@@ -74,6 +79,14 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
                     "zipjax.infer_spec(module_or_apply_fn, variables, x) infers one, "
                     "zipjax.spec.linen_spec declares one. (NNX modules need none.)")
   spec_lib.check_models(spec, models)
+  statistics = "flax"
+  if official:
+    spec = spec_lib.last_captures(spec)
+    matcher = matcher or official_lib.official()
+    statistics = "pytorch"
+    if reset_bn:  # the official scripts reset the source models on the same data first
+      models = [bn_lib.reset_batchnorm(m, spec, data, statistics=statistics, mesh=mesh)
+                for m in models]
   explain_lib.check_merges_something(spec)
   explain_lib.warn_unmerged(explain_lib.explain(models[0], spec, stop_at=stop_at))
   data_lib.check_fits(data, spec.apply, models[0], example=spec.example)
@@ -89,16 +102,32 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
                             groups={s.name: s.groups for s in spec.spaces}, progress=progress)
   merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at)
   if reset_bn:
-    merged = bn_lib.reset_batchnorm(merged, spec, data, progress=progress, mesh=mesh)
+    merged = bn_lib.reset_batchnorm(merged, spec, data, statistics=statistics,
+                                    progress=progress, mesh=mesh)
   if graphdef is not None and not isinstance(merged, MultiHead):
     return nnx_lib.merge(graphdef, merged, rest)
   return merged
 
 
+def _check_mode(mode: str, matcher: Callable | None) -> bool:
+  """Whether ``mode`` is the official one; a clear error for an unknown mode or a matcher
+  the official mode cannot use."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  if mode == "official" and matcher is not None and not isinstance(
+      matcher, official_lib.OfficialMatcher):
+    raise ValueError(
+        f"mode='official' reproduces the official ZipIt! merges, which match with "
+        f"zipjax.match.official(); got matcher {getattr(matcher, '__name__', matcher)!r}. "
+        "Pass matcher=zipjax.match.official(alpha=..., beta=...) to change its alpha and "
+        "beta, or use mode='zipjax' for other matchers.")
+  return mode == "official"
+
+
 def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
         reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-        microbatch: int | str | None = "auto") -> Any:
+        microbatch: int | str | None = "auto", mode: str = "zipjax") -> Any:
   """Merges two models trained separately into one model (ZipIt!), without training.
 
   Feature statistics of every space are computed over ``data``; the matcher pairs each
@@ -128,6 +157,14 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
     microbatch: the statistics pass takes batches in parts of at most this many examples
       (None: whole batches; "auto": whole on accelerators, parts of at most 32 MiB of
       features on the CPU).
+    mode: ``"zipjax"`` (the default) or ``"official"``: the reference mode, which reproduces
+      the merges of the official ZipIt! code (gstoica27/ZipIt) on the same weights and data:
+      every space's features are taken where it is last captured (a residual stream where
+      its stage ends, not after every block: :func:`zipjax.spec.last_captures`), matched by
+      ``zipjax.match.official()`` (its budget rule and epsilons, quirks included; the default
+      matcher here, and the only kind accepted), and with ``reset_bn`` the source models are
+      reset on ``data`` first and every reset is PyTorch's (each batch weighing the same,
+      unbiased variance). The docs' departure table says where and why the default differs.
 
   Returns:
     A full zip: merged variables with the structure, shapes and dtypes of ``model_a`` (an NNX
@@ -154,4 +191,5 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
     logits_a, logits_b = heads.apply(x)
   """
   return zip_many([model_a, model_b], spec, data=data, matcher=matcher, stop_at=stop_at,
-                  reset_bn=reset_bn, progress=progress, mesh=mesh, microbatch=microbatch)
+                  reset_bn=reset_bn, progress=progress, mesh=mesh, microbatch=microbatch,
+                  mode=mode)
