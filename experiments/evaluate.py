@@ -26,8 +26,8 @@ from zipjax import match
 class Method:
   """A way to get a model from the sources.
 
-  kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher`` and
-  ``stop_at``) or 'ensemble'.
+  kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher``, ``stop_at``
+  and ``mode``) or 'ensemble'.
   """
 
   name: str
@@ -35,6 +35,7 @@ class Method:
   matcher: Callable | None = None
   stop_at: str | None = None
   index: int = 0
+  mode: str = "zipjax"
 
 
 _MERGE_ROWS = {
@@ -51,7 +52,8 @@ def table_methods(num_models: int, *,
                   beta: float = 0.5) -> list[Method]:
   """The rows of the paper's Table 1, in its order: each source model, then of ``methods``
   W.Avg, Git Re-Basin (2 models only), Permute, ZipIt! at each of ``stop_points`` (None: the
-  full zip) and the ensemble."""
+  full zip), ZipIt! in the reference mode (official alpha and beta) at each of them, and the
+  ensemble."""
   names = "ABCDEFGH"
   out = [Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
   for key, (label, factory) in _MERGE_ROWS.items():
@@ -62,6 +64,10 @@ def table_methods(num_models: int, *,
     for stop in stop_points:
       name = "ZipIt! (full)" if stop is None else f"ZipIt! (partial, {stop})"
       out.append(Method(name, "merge", zipit, stop_at=stop))
+  if "zipit_official" in methods:
+    for stop in stop_points:
+      name = "ZipIt! official (full)" if stop is None else f"ZipIt! official (partial, {stop})"
+      out.append(Method(name, "merge", match.official(), stop_at=stop, mode="official"))
   if "ensemble" in methods:
     out.append(Method("Ensemble", "ensemble"))
   return out
@@ -140,7 +146,7 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
       model = zipjax.ensemble(sources, spec)
     elif method.kind == "merge":
       model = zipjax.zip_many(sources, spec, data=calibration, matcher=method.matcher,
-                              stop_at=method.stop_at)
+                              stop_at=method.stop_at, mode=method.mode)
     else:
       raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")
     jax.block_until_ready(model)

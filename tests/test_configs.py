@@ -169,3 +169,22 @@ def test_imagenet_tasks_are_consecutive_blocks():
   assert [t[0] for t in tasks] == [0, 200, 400, 600, 800]
   assert len(config.groups) == 10
   assert config.model.width == 1.5
+
+
+def test_model_options_reach_the_factory():
+  official = C.ModelConfig("resnet20", 1, 10, options=(("padding", "pytorch"),))
+  module, _ = official.build()
+  assert module.padding == "pytorch"
+  assert C.ModelConfig("resnet20", 1, 10).build()[0].padding == "same"
+  assert official.build()[1] is official.build()[1]  # one spec per config: compiled once
+
+
+def test_reference_mode_rows_follow_the_zipit_rows():
+  from experiments import evaluate  # pylint: disable=import-outside-toplevel
+  rows = evaluate.table_methods(2, methods=("zipit", "zipit_official", "ensemble"),
+                                stop_points=(None, "stage1"))
+  assert [r.name for r in rows] == [
+      "Model A", "Model B", "ZipIt! (full)", "ZipIt! (partial, stage1)",
+      "ZipIt! official (full)", "ZipIt! official (partial, stage1)", "Ensemble"]
+  assert [r.mode for r in rows if r.kind == "merge"] == ["zipjax"] * 2 + ["official"] * 2
+  assert rows[4].matcher.__name__ == "official(alpha=0.3, beta=0.125)"

@@ -32,10 +32,11 @@ from experiments import data as data_lib
 from experiments.train import TrainConfig
 
 HEADS = ("clip", "ce")
-METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit")
+METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit", "zipit_official")
 """Merge methods a config may ask for: the ensemble (every source model run, the upper bound),
 weight averaging, Git Re-Basin weight matching, Permute (correlation matching across models
-only) and ZipIt!."""
+only), ZipIt! and ZipIt! in the reference mode (``zipjax.zip(..., mode="official")`` with
+the official alpha and beta), each ZipIt! at every stop point."""
 
 CLIP_DIM = 512
 
@@ -76,22 +77,25 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A model of ``zipjax.models``: ``getattr(zipjax.models, factory)(width, num_outputs)``."""
+  """A model of ``zipjax.models``: ``getattr(zipjax.models, factory)(width, num_outputs,
+  **dict(options))``, e.g. ``options=(("padding", "pytorch"),)`` for the official ResNet-20.
+  """
 
   factory: str
   width: float = 1.0
   num_outputs: int = 10
+  options: tuple[tuple[str, Any], ...] = ()
 
   def build(self):
     """(flax module, zip spec), the same objects for equal configs: specs hash by identity,
     so every run of one model shares its compiled passes."""
-    return _build_model(self.factory, self.width, self.num_outputs)
+    return _build_model(self.factory, self.width, self.num_outputs, tuple(self.options))
 
 
 @functools.lru_cache(maxsize=None)
-def _build_model(factory: str, width: float, num_outputs: int):
+def _build_model(factory: str, width: float, num_outputs: int, options: tuple = ()):
   from zipjax import models  # pylint: disable=g-import-not-at-top
-  return getattr(models, factory)(width=width, num_outputs=num_outputs)
+  return getattr(models, factory)(width=width, num_outputs=num_outputs, **dict(options))
 
 
 @dataclasses.dataclass(frozen=True)

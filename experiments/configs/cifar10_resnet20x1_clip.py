@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> C.ExperimentConfig:
                         schedule="linear"),
       num_runs=3,
       calibration=C.CalibrationConfig(num_images=5000, batch_size=500, augmentation=True),
-      merge=C.MergeConfig(methods=_cifar.PAPER_METHODS,
+      merge=C.MergeConfig(methods=_cifar.PAPER_METHODS + ("zipit_official",),
                           stop_points=(None, "stage3", "stage2", "stage1")))
   if not local:
     return config
