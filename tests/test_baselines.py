@@ -82,8 +82,7 @@ def test_weight_matching_recovers_permutation_exactly():
     inverse = np.argsort(perm)  # vp channel inverse[j] is va channel j
     assert groups_of(merges[name]) == [(j, spec.width(name) + inverse[j])
                                        for j in range(spec.width(name))]
-  merged = zipjax.zip(va, vp, spec, data=data, matcher=match.weight_matching(),
-                      reset_bn=False)
+  merged = zipjax.apply_merges([va, vp], spec, merges)
   # params come back exactly; BatchNorm variances get M^2 (a guess that the reset replaces).
   for a, b in zip(jax.tree_util.tree_leaves(merged["params"]),
                   jax.tree_util.tree_leaves(va["params"])):

@@ -65,10 +65,7 @@ def _fake_cifar(directory, seed, per_class=12):
   return str(directory)
 
 
-def test_runner_merges_models_trained_on_different_datasets(tmp_path):
-  """Tasks that are datasets: each model trains on its own dataset with the first outputs of
-  a shared head; each task is evaluated on its own test set, labels numbered one after the
-  other."""
+def _multidataset_config(tmp_path):
   base = configs.load("multidataset_resnet50_pairs:local")
   data = tuple(configs.DataConfig(source="cifar10_npz", path=_fake_cifar(tmp_path / f"d{i}", i))
                for i in range(2))
@@ -78,13 +75,13 @@ def test_runner_merges_models_trained_on_different_datasets(tmp_path):
       "train.epochs=1", "train.batch_size=40", "calibration.num_images=40",
       "calibration.batch_size=20", "calibration.augmentation=False", "eval_batch_size=64",
       "merge.methods=('ensemble', 'permute', 'zipit')", "merge.stop_points=(None,)")
-  rows, md = run_lib.run(config, out_dir=str(tmp_path / "out"), progress=False)
-  by = {r.method: r for r in rows}
-  assert list(by) == ["Model A", "Model B", "Permute", "ZipIt! (full)", "Ensemble"]
-  for r in rows:
-    assert 0.0 <= r.joint <= 1.0 and len(r.per_task) == 2
-  # The ensemble's heads are the sources: each task's accuracy is its own model's.
-  assert by["Ensemble"].per_task == (by["Model A"].per_task[0], by["Model B"].per_task[1])
+  return config
+
+
+def test_tasks_that_are_datasets_number_their_labels_one_after_the_other(tmp_path):
+  """Each model trains on its own dataset with the first outputs of a shared head; each task
+  is evaluated on its own test set, labels numbered one after the other."""
+  config = _multidataset_config(tmp_path)
   exp = run_lib.prepare(config)
   tasks, columns = run_lib.group_tasks(config, exp, 0, (0, 1))
   np.testing.assert_array_equal(tasks[1], np.arange(10, 20))
@@ -92,4 +89,16 @@ def test_runner_merges_models_trained_on_different_datasets(tmp_path):
   _, test = run_lib.group_data(config, exp, 0, (0, 1))
   labels = np.concatenate([y for _, y in test])
   assert sorted(set(labels.tolist())) == list(range(20)) and len(labels) == 2 * 60
+
+
+@pytest.mark.slow  # ~40 s; the runner end to end also runs in test_main_prints_the_table
+def test_runner_merges_models_trained_on_different_datasets(tmp_path):
+  config = _multidataset_config(tmp_path)
+  rows, md = run_lib.run(config, out_dir=str(tmp_path / "out"), progress=False)
+  by = {r.method: r for r in rows}
+  assert list(by) == ["Model A", "Model B", "Permute", "ZipIt! (full)", "Ensemble"]
+  for r in rows:
+    assert 0.0 <= r.joint <= 1.0 and len(r.per_task) == 2
+  # The ensemble's heads are the sources: each task's accuracy is its own model's.
+  assert by["Ensemble"].per_task == (by["Model A"].per_task[0], by["Model B"].per_task[1])
   assert "| ZipIt! (full) |" in md

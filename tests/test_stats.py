@@ -16,8 +16,8 @@ from zipjax._src import stats as stats_lib
 def resnet_pair():
   model, spec = models.resnet20(width=0.5)
   x = jax.random.normal(jax.random.key(0), (12, 16, 16, 3))
-  va = model.init(jax.random.key(1), x[:2])
-  vb = model.init(jax.random.key(2), x[:2])
+  va = zoo.init(model, seed=1, x=x[:2])
+  vb = zoo.init(model, seed=2, x=x[:2])
   return spec, va, vb, [x[:8], x[8:]]
 
 
@@ -27,7 +27,7 @@ def test_stats_equal_numpy_float64(width, num_models):
   # and in one product of the concatenated features (64).
   model, spec = models.resnet20(width=width)
   data = list(jax.random.normal(jax.random.key(0), (2, 6, 16, 16, 3)))
-  variables = [model.init(jax.random.key(1 + m), data[0][:2]) for m in range(num_models)]
+  variables = [zoo.init(model, seed=1 + m, x=data[0][:2]) for m in range(num_models)]
   stats = zipjax.compute_stats(variables, spec, data)
   widths = {spec.width(n) for n in ("stage1", "stage2_block1", "stage3")}
   assert min(widths) <= stats_lib._BLOCKS_MAX_WIDTH  # pylint: disable=protected-access

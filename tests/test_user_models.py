@@ -17,6 +17,7 @@ import zipjax
 from zipjax import models
 from zipjax._src import nnx as nnx_lib
 from zipjax._src import spec as spec_lib
+from tests import zoo
 
 
 def _batches(shape, count=2, seed=0):
@@ -259,8 +260,8 @@ def _linen_to_nnx(module, variables):
 def test_nnx_resnet20_merges_like_linen():
   linen_model, linen_spec = models.resnet20(width=0.5, num_outputs=5)
   x = _batches((4, 16, 16, 3), count=2, seed=3)
-  va = linen_model.init(jax.random.key(0), x[0])
-  vb = linen_model.init(jax.random.key(1), x[0])
+  va = zoo.init(linen_model, seed=0, x=x[0])
+  vb = zoo.init(linen_model, seed=1, x=x[0])
   va = zipjax.reset_batchnorm(va, linen_spec, x)  # statistics away from 0 and 1
   vb = zipjax.reset_batchnorm(vb, linen_spec, x)
   nnx_a, nnx_spec = models.nnx_resnet20(width=0.5, num_outputs=5, rngs=nnx.Rngs(0))
@@ -340,7 +341,7 @@ def layer_model(request):
   cls, made, groups = LAYERS[request.param]
   model = cls()
   x = _batches((4, 8, 8, 3), count=2, seed=5)
-  va = model.init(jax.random.key(0), x[0])
+  va = zoo.init(model, seed=0, x=x[0])
   spec = zipjax.infer_linen_spec(model, va, x[0])
   return model, spec, va, x, made, groups
 
@@ -400,7 +401,7 @@ def _block_diag(*blocks):
 def test_groupnorm_groups_are_matched_group_by_group():
   model = GroupNormCNN()
   x = _batches((4, 8, 8, 3))
-  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  va, vb = zoo.init(model, seed=0, x=x[0]), zoo.init(model, seed=1, x=x[0])
   spec = zipjax.infer_linen_spec(model, va, x[0])
   stats = zipjax.compute_stats([va, vb], spec, x)
   merges = zipjax.compute_merges(stats, num_models=2, groups={"conv1": 2})
@@ -415,7 +416,7 @@ def test_groupnorm_groups_are_matched_group_by_group():
 def _grouped_conv_pair():
   model = GroupedConvCNN()
   x = _batches((4, 8, 8, 3), count=2, seed=5)
-  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  va, vb = zoo.init(model, seed=0, x=x[0]), zoo.init(model, seed=1, x=x[0])
   return model, zipjax.infer_linen_spec(model, va, x[0]), va, vb, x
 
 
@@ -498,7 +499,7 @@ class CumsumCNN(nn.Module):
 def unmergeable():
   model = CumsumCNN()
   x = _batches((4, 8, 8, 3))
-  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  va, vb = zoo.init(model, seed=0, x=x[0]), zoo.init(model, seed=1, x=x[0])
   return zipjax.infer_linen_spec(model, va, x[0]), va, vb, x
 
 
@@ -531,7 +532,7 @@ def test_zip_warns_when_features_are_only_averaged():
 
   model = Partly()
   x = _batches((8, 5))
-  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  va, vb = zoo.init(model, seed=0, x=x[0]), zoo.init(model, seed=1, x=x[0])
   spec = zipjax.infer_linen_spec(model, va, x[0])
   assert spec.space_names == ("fc1",)
   with pytest.warns(zipjax.UnmergedWarning, match="params/fc2/kernel"):
@@ -570,7 +571,7 @@ def _bn_spec(drop=(), width=8):
 def test_check_spec_catches_leaves_left_out_on_init_values(left_out):
   module, spec = _bn_spec(drop=[left_out])
   x = _batches((4, 8, 8, 3))[0]
-  v = module.init(jax.random.key(0), x)
+  v = zoo.init(module, seed=0, x=x)
   with pytest.raises(zipjax.SpecError, match="permuting its spaces changes"):
     zipjax.check_spec(v, spec, x)
   zipjax.check_spec(v, _bn_spec()[1], x)  # the full spec passes
@@ -589,7 +590,7 @@ def test_check_spec_catches_a_misspelt_capture():
   module = Misspelt()
   spec = zipjax.spec.linen_spec(module, spaces=good.spaces, leaves=good.leaves)
   x = _batches((4, 8, 8, 3))[0]
-  v = module.init(jax.random.key(0), x)
+  v = zoo.init(module, seed=0, x=x)
   with pytest.raises(zipjax.SpecError, match=r"\['h'\] are never captured.*\['hh'\]"):
     zipjax.check_spec(v, spec, x)
 
@@ -602,8 +603,8 @@ def test_check_spec_catches_a_misspelt_capture():
 def bn_pair():
   module, spec = _bn_spec()
   x = _batches((4, 8, 8, 3), count=2)
-  va = module.init(jax.random.key(0), x[0])
-  vb = module.init(jax.random.key(1), x[0])
+  va = zoo.init(module, seed=0, x=x[0])
+  vb = zoo.init(module, seed=1, x=x[0])
   return spec, va, vb, x
 
 
@@ -635,7 +636,7 @@ def test_bad_calibration_data_is_named(bn_pair, kind, match):
 def test_nchw_hint_when_the_spec_knows_its_input():
   model = BNNet()
   x = _batches((4, 8, 8, 3))
-  va, vb = model.init(jax.random.key(0), x[0]), model.init(jax.random.key(1), x[0])
+  va, vb = zoo.init(model, seed=0, x=x[0]), zoo.init(model, seed=1, x=x[0])
   spec = zipjax.infer_linen_spec(model, va, x[0])
   with pytest.raises(zipjax.DataError, match="channels first"):
     zipjax.zip(va, vb, spec, data=[jnp.transpose(x[0], (0, 3, 1, 2))])
@@ -695,7 +696,7 @@ def test_mixed_dtypes_are_refused(bn_pair):
 def test_infer_linen_spec_takes_the_analysis_options():
   model = BNNet()
   x = _batches((4, 8, 8, 3))[0]
-  v = model.init(jax.random.key(0), x)
+  v = zoo.init(model, seed=0, x=x)
   spec = zipjax.infer_linen_spec(model, v, x, attention="unmerged", name="bn-net")
   assert spec.name == "bn-net"
 

@@ -105,7 +105,7 @@ def test_batchnorm_reset_equals_numpy_batch_statistics(statistics):
   module, spec = _two_layer()
   rng = np.random.default_rng(0)
   batches = [rng.normal(size=(n, 5)).astype(np.float32) for n in (32, 16)]
-  v = module.init(jax.random.key(0), batches[0])
+  v = zoo.init(module, seed=0, x=batches[0])
   p = jax.tree_util.tree_map(np.asarray, v["params"])
   means, vars_ = {"bn1": [], "bn2": []}, {"bn1": [], "bn2": []}
   for x in batches:
@@ -145,7 +145,7 @@ def test_zip_rejects_different_widths_listing_both_shapes():
   model, spec = models.mlp(widths=(32, 24), num_outputs=5)
   other, _ = models.mlp(widths=(16, 24), num_outputs=5)
   x = jnp.ones((2, 8, 8, 1))
-  va, vb = model.init(jax.random.key(0), x), other.init(jax.random.key(0), x)
+  va, vb = zoo.init(model, seed=0, x=x), zoo.init(other, seed=0, x=x)
   with pytest.raises(zipjax.MismatchError, match=r"\(32,\) in model 0 but \(16,\) in model 1"):
     zipjax.zip(va, vb, spec, data=[x])
 
@@ -326,7 +326,7 @@ def _compiles_during(fn):
   return len(seen)
 
 
-@pytest.mark.parametrize("stop_at", [None, "stage2"])
+@pytest.mark.parametrize("stop_at", [None, pytest.param("stage2", marks=pytest.mark.slow)])
 def test_zip_of_another_pair_compiles_no_new_program(stop_at):
   # The programs depend on the architecture, the number of models and the batch shapes, not
   # on the weights or the merges: a zip of other models, with another matcher, compiles

@@ -24,7 +24,6 @@ import sys
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import zipjax
