@@ -277,6 +277,18 @@ def test_nnx_resnet20_merges_like_linen():
   zipjax.check_spec(nnx_a, nnx_spec, x[0])
 
 
+def test_nnx_resnet20_pads_like_linen():
+  linen_model, _ = models.resnet20(width=0.25, num_outputs=3, padding="pytorch")
+  x = _batches((2, 8, 8, 3), count=1, seed=4)[0]
+  v = zoo.init(linen_model, seed=0, x=x)
+  module, spec = models.nnx_resnet20(width=0.25, num_outputs=3, rngs=nnx.Rngs(0),
+                                     padding="pytorch")
+  assert spec is models.nnx_resnet20(0.25, 3, rngs=nnx.Rngs(1), padding="pytorch")[1]
+  assert spec is not models.nnx_resnet20(0.25, 3, rngs=nnx.Rngs(1))[1]
+  np.testing.assert_allclose(_eval_out(_linen_to_nnx(module, v), x), linen_model.apply(v, x),
+                             rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Layers beyond the zoo: flatten, concatenation, pooling, GroupNorm, grouped and depthwise
 # convolutions

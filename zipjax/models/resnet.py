@@ -131,8 +131,9 @@ class NNXBasicBlock(nnx.Module):
   """:class:`BasicBlock` as an NNX module, with the same names."""
 
   def __init__(self, in_features: int, features: int, strides: int, stream: str, inner: str,
-               *, rngs: nnx.Rngs):
-    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), use_bias=False, rngs=rngs)
+               *, rngs: nnx.Rngs, padding: str = "same"):
+    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), use_bias=False,
+                             padding=_padding(padding), rngs=rngs)
     bn = functools.partial(nnx.BatchNorm, momentum=0.9, use_fast_variance=False, rngs=rngs)
     self.stream, self.inner = stream, inner
     self.conv1 = conv(in_features, features, strides=strides)
@@ -160,9 +161,11 @@ class NNXResNet20(nnx.Module):
   one holds the linen model's ``params`` and ``batch_stats`` without their collection keys.
   ``module.train()`` / ``module.eval()`` switch BatchNorm as usual."""
 
-  def __init__(self, width: float = 1.0, num_outputs: int = 10, *, rngs: nnx.Rngs):
+  def __init__(self, width: float = 1.0, num_outputs: int = 10, *, rngs: nnx.Rngs,
+               padding: str = "same"):
     widths = _resnet20_widths(width)
-    self.stem_conv = nnx.Conv(3, widths[0], (3, 3), use_bias=False, rngs=rngs)
+    self.stem_conv = nnx.Conv(3, widths[0], (3, 3), use_bias=False, padding=_padding(padding),
+                              rngs=rngs)
     self.stem_bn = nnx.BatchNorm(widths[0], momentum=0.9, use_fast_variance=False, rngs=rngs)
     self.blocks = []
     prev = widths[0]
@@ -170,7 +173,8 @@ class NNXResNet20(nnx.Module):
       for b in range(3):
         name = f"stage{s}_block{b}"
         setattr(self, name, NNXBasicBlock(prev, w, 2 if (s > 1 and b == 0) else 1,
-                                          stream=f"stage{s}", inner=name, rngs=rngs))
+                                          stream=f"stage{s}", inner=name, rngs=rngs,
+                                          padding=padding))
         self.blocks.append(name)
         prev = w
     self.head = nnx.Linear(prev, num_outputs, rngs=rngs)
@@ -183,9 +187,10 @@ class NNXResNet20(nnx.Module):
     return self.head(x.mean(axis=(1, 2)))
 
 
-def nnx_resnet20(width: float = 1.0, num_outputs: int = 10, *,
-                 rngs: nnx.Rngs) -> tuple[NNXResNet20, S.Spec]:
-  """CIFAR ResNet-20 as a Flax NNX module, initialised from ``rngs``, and its spec.
+def nnx_resnet20(width: float = 1.0, num_outputs: int = 10, *, rngs: nnx.Rngs,
+                 padding: str = "same") -> tuple[NNXResNet20, S.Spec]:
+  """CIFAR ResNet-20 as a Flax NNX module, initialised from ``rngs``, and its spec
+  (``padding`` as in :func:`resnet20`).
 
   The spec is shared by every module of these arguments (cached, like :func:`resnet20`'s), so
   zips of other pairs reuse the programs compiled for the first. Merges exactly like the
@@ -198,12 +203,14 @@ def nnx_resnet20(width: float = 1.0, num_outputs: int = 10, *,
     ...  # train both
     merged = zipjax.zip(model_a, model_b, spec, data=batches)   # an NNXResNet20
   """
-  return NNXResNet20(width, num_outputs, rngs=rngs), _nnx_resnet20_spec(width, num_outputs)
+  return (NNXResNet20(width, num_outputs, rngs=rngs, padding=padding),
+          _nnx_resnet20_spec(width, num_outputs, padding))
 
 
 @functools.lru_cache(maxsize=None)
-def _nnx_resnet20_spec(width: float, num_outputs: int) -> S.Spec:
-  abstract = nnx.eval_shape(lambda: NNXResNet20(width, num_outputs, rngs=nnx.Rngs(0)))
+def _nnx_resnet20_spec(width: float, num_outputs: int, padding: str = "same") -> S.Spec:
+  abstract = nnx.eval_shape(lambda: NNXResNet20(width, num_outputs, rngs=nnx.Rngs(0),
+                                                padding=padding))
   spaces, leaves = _resnet20_spec_parts(width, collection=None)
   return nnx_lib.nnx_spec(abstract, spaces=spaces, leaves=leaves,
                           stop_points=[f"stage{s}" for s in (1, 2, 3)],
