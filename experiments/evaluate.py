@@ -27,7 +27,8 @@ class Method:
   """A way to get a model from the sources.
 
   kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher``, ``stop_at``
-  and ``mode``) or 'ensemble'.
+  and ``mode``; ``capture="last"`` takes each space's features where it is last captured,
+  :func:`zipjax.spec.last_captures`) or 'ensemble'.
   """
 
   name: str
@@ -36,6 +37,7 @@ class Method:
   stop_at: str | None = None
   index: int = 0
   mode: str = "zipjax"
+  capture: str = "every"
 
 
 _MERGE_ROWS = {
@@ -145,7 +147,8 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
     elif method.kind == "ensemble":
       model = zipjax.ensemble(sources, spec)
     elif method.kind == "merge":
-      model = zipjax.zip_many(sources, spec, data=calibration, matcher=method.matcher,
+      merge_spec = zipjax.spec.last_captures(spec) if method.capture == "last" else spec
+      model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,
                               stop_at=method.stop_at, mode=method.mode)
     else:
       raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")

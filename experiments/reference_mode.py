@@ -1,0 +1,94 @@
+"""The reference mode against zipjax's default on trained pairs, and the variations between.
+
+Each variant changes one thing at a time between ``zipjax.zip``'s default and its reference
+mode (``mode="official"``, the official ZipIt! merges): the matcher's alpha and beta, where a
+residual stream's features are taken (after every block, or once where its stage ends), and
+the matcher's budget rule. Each is merged fully and at every stop point of the config, on
+the pairs of ``--runs`` (their source models restored from ``--checkpoints``, or trained
+there), and written as ``reference_vs_default.{csv,md}`` (every method, mean ± std over
+pairs) and ``reference_vs_default_avg.md`` (average per-task accuracy, variants by stop):
+
+  python -m experiments.reference_mode --config cifar10_resnet20x1_clip --runs 0 \\
+      --checkpoints experiments/results/cifar10_resnet20x1_clip/training \\
+      --out experiments/results/cifar10_resnet20x1_clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from experiments import configs as configs_lib
+from experiments import evaluate as eval_lib
+from experiments import run as run_lib
+from zipjax import match
+
+#: name -> (matcher factory, capture, mode).
+VARIANTS = {
+    "default": (match.greedy, "every", "zipjax"),
+    "default, last captures": (match.greedy, "last", "zipjax"),
+    "default, official alpha/beta": (lambda: match.greedy(alpha=0.3, beta=0.125), "every",
+                                     "zipjax"),
+    "official matcher, every capture": (match.official, "every", "zipjax"),
+    "reference mode": (match.official, "last", "official"),
+}
+
+
+def variant_methods(num_models: int, stop_points: Sequence[str | None]) -> list[eval_lib.Method]:
+  """The sources, every variant at every stop point (None: the full zip), the ensemble."""
+  names = "ABCDEFGH"
+  out = [eval_lib.Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
+  for variant, (factory, capture, mode) in VARIANTS.items():
+    for stop in stop_points:
+      out.append(eval_lib.Method(f"{variant} ({stop or 'full'})", "merge", factory(),
+                                 stop_at=stop, mode=mode, capture=capture))
+  out.append(eval_lib.Method("Ensemble", "ensemble"))
+  return out
+
+
+def average_table(rows: Sequence[eval_lib.Row], stop_points: Sequence[str | None]) -> str:
+  """Markdown: average per-task accuracy (mean ± std over pairs), a variant per row."""
+  summary = {e["method"]: e for e in eval_lib.summarise(rows)}
+  stops = [s or "full" for s in stop_points]
+  lines = ["| variant | " + " | ".join(stops) + " |", "|---|" + "---|" * len(stops)]
+  for variant in VARIANTS:
+    cells = [eval_lib._fmt(summary[f"{variant} ({s})"]["avg"]) for s in stops]  # pylint: disable=protected-access
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="cifar10_resnet20x1_clip")
+  parser.add_argument("--runs", default="0", help="comma-separated runs (pairs) to merge")
+  parser.add_argument("--checkpoints", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  args = parser.parse_args(argv)
+  config = configs_lib.override(configs_lib.load(args.config), *args.set)
+  exp = run_lib.prepare(config)
+  stops = config.merge.stop_points
+  rows = []
+  for pair, r in enumerate(int(x) for x in args.runs.split(",")):
+    sources = run_lib.train_sources(config, exp, r, checkpoints=args.checkpoints)
+    group = config.groups[0]
+    calibration, test = run_lib.group_data(config, exp, r, group)
+    tasks, columns = run_lib.group_tasks(config, exp, r, group)
+    rows += eval_lib.evaluate_methods(
+        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
+        test=test, methods=variant_methods(len(group), stops),
+        class_embeddings=exp.class_embeddings, logit_scale=config.train.logit_scale,
+        task_columns=columns, pair=pair)
+  eval_lib.write_table(rows, args.out, name="reference_vs_default")
+  avg = average_table(rows, stops)
+  with open(os.path.join(args.out, "reference_vs_default_avg.md"), "w") as f:
+    f.write(avg + "\n")
+  print(avg)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,39 @@
+"""experiments.reference_mode: the variants between zipjax's default and the reference mode."""
+
+import pytest
+
+from experiments import evaluate
+from experiments import reference_mode
+
+
+def test_each_variant_at_each_stop_between_sources_and_ensemble():
+  methods = reference_mode.variant_methods(2, (None, "stage1"))
+  assert [m.name for m in methods[:2]] == ["Model A", "Model B"]
+  assert methods[-1].kind == "ensemble"
+  merges = methods[2:-1]
+  assert len(merges) == 2 * len(reference_mode.VARIANTS)
+  by_name = {m.name: m for m in merges}
+  ref = by_name["reference mode (stage1)"]
+  assert (ref.mode, ref.capture, ref.stop_at) == ("official", "last", "stage1")
+  assert ref.matcher.__name__ == "official(alpha=0.3, beta=0.125)"
+  default = by_name["default (full)"]
+  assert (default.mode, default.capture, default.stop_at) == ("zipjax", "every", None)
+  assert by_name["default, last captures (full)"].capture == "last"
+
+
+def test_average_table_has_a_row_per_variant_and_a_column_per_stop():
+  rows = []
+  for pair in range(2):
+    for k, variant in enumerate(reference_mode.VARIANTS):
+      for stop in ("full", "stage1"):
+        acc = 0.5 + 0.01 * k + 0.1 * pair
+        rows.append(evaluate.Row(f"{variant} ({stop})", pair, acc, (acc, acc), 1.0, 1.0))
+  table = reference_mode.average_table(rows, (None, "stage1")).splitlines()
+  assert table[0] == "| variant | full | stage1 |"
+  assert len(table) == 2 + len(reference_mode.VARIANTS)
+  assert table[2] == "| default | 55.0 ± 7.1 | 55.0 ± 7.1 |"
+
+
+def test_checkpoints_and_out_are_required():
+  with pytest.raises(SystemExit):
+    reference_mode.main(["--checkpoints", "x"])  # --out is required
