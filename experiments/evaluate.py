@@ -82,7 +82,8 @@ class Row:
   joint: float
   per_task: tuple[float, ...]
   gflops: float  # per image
-  seconds: float  # to build the model (merge + BatchNorm reset; the first merge compiles)
+  seconds: float  # to build the model (merge + BatchNorm reset; the first merge compiles);
+  # NaN for the source models, which are not built
 
   @property
   def task_avg(self) -> float:
@@ -144,6 +145,7 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
     start = time.perf_counter()
     if method.kind == "source":
       model = sources[method.index]
+      start = float("nan")
     elif method.kind == "ensemble":
       model = zipjax.ensemble(sources, spec)
     elif method.kind == "merge":
@@ -198,18 +200,27 @@ def _fmt(value) -> str:
   if isinstance(value, tuple):
     return f"{value[0]:.1f} ± {value[1]:.1f}"
   if isinstance(value, float):
-    return f"{value:.4g}"
+    return "—" if np.isnan(value) else f"{value:.3g}"
   return str(value)
+
+
+def format_flops(gflops: float) -> str:
+  """FLOPs with a unit: '2.72 G', '79.8 M', '3.74 k'."""
+  for scale, unit in ((1.0, "G"), (1e-3, "M"), (1e-6, "k")):
+    if gflops >= scale:
+      return f"{gflops / scale:.3g} {unit}"
+  return f"{gflops * 1e9:.3g}"
 
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
   keys = [k for k in summary[0] if k != "pairs"]
-  header = {"method": "Method", "gflops": "GFLOPs/img", "joint": "Joint", "avg": "Avg",
+  header = {"method": "Method", "gflops": "FLOPs/img", "joint": "Joint", "avg": "Avg",
             "seconds": "Build s"}
   names = [header.get(k, k.replace("task", "Task ")) for k in keys]
   lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(keys)]
   for entry in summary:
-    lines.append("| " + " | ".join(_fmt(entry[k]) for k in keys) + " |")
+    lines.append("| " + " | ".join(format_flops(entry[k]) if k == "gflops" else _fmt(entry[k])
+                                   for k in keys) + " |")
   return "\n".join(lines)
 
 

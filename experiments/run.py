@@ -193,6 +193,13 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
   return rows, md
 
 
+def merged_groups(config: configs_lib.ExperimentConfig) -> str:
+  """'3 pairs of source models merged' (or groups, for groups of more than 2)."""
+  count = config.num_pairs
+  what = "pair" if {len(g) for g in config.groups} == {2} else "group"
+  return f"{count} {what}{'s' if count != 1 else ''} of source models merged"
+
+
 def _jsonable(obj):
   return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
@@ -214,8 +221,7 @@ def main(argv: Sequence[str] | None = None, *, default: str = "digits_default") 
   _, md = run(config, out_dir=args.out, progress=not args.quiet,
               checkpoints=args.checkpoints)
   out = args.out or config.output_dir
-  print(f"\n{config.name}: {config.num_pairs} model group(s), "
-        f"{time.perf_counter() - start:.0f}s\n")
+  print(f"\n{config.name}: {merged_groups(config)}, {time.perf_counter() - start:.0f} s\n")
   print(md)
   print(f"\nwritten: {out}/results.md, results.csv, results_rows.csv"
         + (", partial_zip.png" if os.path.exists(os.path.join(out, "partial_zip.png")) else ""))

@@ -244,7 +244,7 @@ def write_sweep(records: Sequence[Record], out_dir: str, sweep: str) -> str:
     for e in summary:
       w.writerow([(f"{e[k][0]:.2f} ± {e[k][1]:.2f}" if isinstance(e[k], tuple)
                    else _value_str(e[k])) for k in keys] + [e["pairs"]])
-  header = {"value": VALUE_LABEL[sweep], "method": "Method", "gflops": "GFLOPs/img",
+  header = {"value": VALUE_LABEL[sweep], "method": "Method", "gflops": "FLOPs/img",
             "joint": "Joint", "avg": "Avg", "seconds": seconds}
   lines = ["| " + " | ".join(header.get(k, k.replace("task", "Task ")) for k in keys) + " |",
            "|" + "---|" * len(keys)]
@@ -256,6 +256,8 @@ def write_sweep(records: Sequence[Record], out_dir: str, sweep: str) -> str:
         cells.append(_value_str(v))
       elif k == "seconds":
         cells.append(f"{v:.3g}")
+      elif k == "gflops":
+        cells.append(eval_lib.format_flops(v))
       else:
         cells.append(eval_lib._fmt(v))  # pylint: disable=protected-access
     lines.append("| " + " | ".join(cells) + " |")
@@ -389,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   _, md = run_sweep(config, args.sweep, values=parse_values(args.sweep, args.values),
                     out_dir=out, checkpoints=args.checkpoints, stop_points=stops,
                     progress=not args.quiet)
-  print(f"\n{config.name}: {args.sweep} sweep, {config.num_pairs} model group(s), "
-        f"{time.perf_counter() - start:.0f}s\n")
+  print(f"\n{config.name}: {args.sweep} sweep, {run_lib.merged_groups(config)}, "
+        f"{time.perf_counter() - start:.0f} s\n")
   print(md)
   print(f"\nwritten: {out}/{args.sweep}.md, {args.sweep}.csv, {args.sweep}_rows.csv, "
         f"{args.sweep}.png")

@@ -225,12 +225,18 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
       if ckpt.latest_epoch() is not None:
         state, saved = ckpt.restore(state, expected=record)
         start_epoch, loss = int(saved["epoch"]), float(saved["loss"])
-    bar = stack.enter_context(tqdm.tqdm(
-        total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc,
-        disable=not progress, leave=False))
     if mesh is not None:
       state = sharding_lib.replicate(state, mesh)
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
+    if start_epoch < config.epochs:
+      # Compile before the progress bar starts, so that its rate and ETA count steps only:
+      # one step on the first images, its result discarded.
+      n = config.batch_size
+      jax.block_until_ready(step(params, batch_stats, opt_state, place(task.normalise(
+          task.x[:n])), place(local_labels(task.y[:n], classes))))
+    bar = stack.enter_context(tqdm.tqdm(
+        total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc,
+        disable=not progress, leave=False))
     for epoch in range(start_epoch, config.epochs):
       for x, y in data_lib.train_batches(task, config.batch_size, seed=config.seed, epoch=epoch,
                                          augmentation=config.augmentation):

@@ -66,8 +66,8 @@ def _per_task(model, pair) -> np.ndarray:
   return np.asarray(zipjax.metrics.accuracy(out, y, tasks, class_embeddings=emb).per_task)
 
 
-@pytest.fixture(scope="module")
-def scores(pair):
+def compute_scores(pair) -> dict:
+  """{method: per-task accuracies} of the sources, the baselines, ZipIt! and the ensemble."""
   spec, (va, vb), cal, _, _, _ = pair
   merged = {
       "Model A": va, "Model B": vb,
@@ -79,6 +79,11 @@ def scores(pair):
       "Ensemble": zipjax.ensemble([va, vb], spec),
   }
   return {name: _per_task(model, pair) for name, model in merged.items()}
+
+
+@pytest.fixture(scope="module")
+def scores(pair):
+  return compute_scores(pair)
 
 
 def test_source_models_are_well_trained(scores):

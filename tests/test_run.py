@@ -52,6 +52,10 @@ def test_main_prints_the_table(tmp_path, capsys):
   assert run_lib.main(config_args) == 0
   out = capsys.readouterr().out
   assert "| Method |" in out and "| ZipIt! (full) |" in out and "| Ensemble |" in out
+  assert "digits_default: 1 pair of source models merged" in out
+  # Source models are not built: no build time; FLOPs carry a unit.
+  model_a = next(line for line in out.splitlines() if line.startswith("| Model A |"))
+  assert model_a.endswith("| — |") and (" M |" in model_a or " k |" in model_a), model_a
 
 
 def _fake_cifar(directory, seed, per_class=12):
