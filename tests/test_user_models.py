@@ -230,6 +230,15 @@ def test_nnx_pytorch_style_reset_takes_unbiased_variances(nnx_pair):
                              flax_style["bn1"]["var"][...] * count / (count - 1), rtol=1e-6)
   np.testing.assert_array_equal(pytorch_style["bn1"]["mean"][...],
                                 flax_style["bn1"]["mean"][...])
+  with pytest.raises(ValueError, match="statistics must be one of"):
+    zipjax.reset_batchnorm(state, spec, data, statistics="torch")
+
+
+def test_nnx_modules_zip_in_the_reference_mode(nnx_pair):
+  a, b, data = nnx_pair
+  merged = zipjax.zip(a, b, data=data, mode="official")
+  assert type(merged) is type(a)
+  assert np.isfinite(_eval_out(merged, data[0])).all()
 
 
 def test_nnx_partial_zip_gives_heads(nnx_pair):
