@@ -20,6 +20,13 @@ from zipjax import models
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CALIBRATION_BATCH = 100
 
+# Until the pair has finished training and its fixtures are recorded, this module reports
+# itself skipped (pytest -ra names the reason) rather than absent.
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FIXTURES, "official_zipit_pair.npz")),
+    reason="the trained CIFAR-10 pair is not recorded yet: run "
+           "tests/fixtures/make_cifar10_pair.py and record_official_zipit.py --covariances")
+
 #: Per-task accuracy (mean of the two tasks) that each method must beat the one before it by:
 #: half the gap measured on this pair and sample (tests/fixtures/cifar10_pair.npz) when the
 #: test was written, so a regression of the merge shows and float noise does not.
