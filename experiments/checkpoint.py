@@ -159,7 +159,8 @@ class TrainCheckpointer:
 
     Args:
       target: a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s); the
-        restored state has its structure, shapes and dtypes.
+        restored state has its structure, shapes, dtypes and shardings (numpy arrays: the
+        first device), whichever devices the state was saved from.
       expected: record entries that must equal the saved ones (the run's config, classes...).
       epoch: which checkpoint; None: the latest.
 
@@ -183,7 +184,11 @@ class TrainCheckpointer:
     if expected is not None:
       _check_metadata(record, expected, where)
     check_tree_matches(_shapes_from_json(record.pop(_ARRAYS), where), _shapes(target), where)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    # Each array comes back where the target's is (one device for host arrays), whatever
+    # devices it was saved from: a state trained data-parallel on 8 devices restores on 1.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), target)
     try:
       state = self._manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]

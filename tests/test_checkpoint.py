@@ -134,6 +134,32 @@ def test_train_checkpointer_round_trips_optimiser_state(tmp_path):
   assert record["epoch"] == 1
 
 
+_SAVE_REPLICATED_IN_CHILD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from experiments import checkpoint as ckpt_lib
+mesh = Mesh(np.array(jax.devices()), ("data",))
+state = {"w": jax.device_put(np.arange(6, dtype=np.float32).reshape(2, 3),
+                             NamedSharding(mesh, PartitionSpec()))}
+with ckpt_lib.TrainCheckpointer(sys.argv[1]) as ckpt:
+  ckpt.save(1, state, {"epoch": 1})
+"""
+
+
+def test_state_saved_on_several_devices_restores_on_one(tmp_path):
+  """Training data-parallel on 4 devices, resuming or reading the result on 1."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", _SAVE_REPLICATED_IN_CHILD, str(tmp_path)], cwd=root,
+                 capture_output=True, text=True, timeout=120, check=True)
+  with ckpt_lib.TrainCheckpointer(tmp_path) as ckpt:
+    restored, _ = ckpt.restore({"w": np.zeros((2, 3), np.float32)})
+  np.testing.assert_array_equal(restored["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+  assert restored["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def test_train_checkpointer_keeps_only_the_latest(tmp_path):
   with ckpt_lib.TrainCheckpointer(tmp_path, max_to_keep=1) as ckpt:
     for epoch in (1, 2, 3):
