@@ -13,6 +13,10 @@ from experiments import benchmarks
 from experiments.benchmarks import common
 from experiments.benchmarks import suite
 
+# Slow (~60 s of smoke runs): the real-pair merge test took its place in the default run;
+# run the benchmark smoke checks with -m slow.
+pytestmark = pytest.mark.slow
+
 ROW_KEYS = {"benchmark", "case", "seconds", "baseline", "baseline_seconds", "ratio", "target",
             "met", "checks_ok", "measure", "notes", "data"}
 

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.skipif(
 #: half the gap measured on this pair and sample (tests/fixtures/cifar10_pair.npz) when the
 #: test was written, so a regression of the merge shows and float noise does not.
 ORDER = ("W.Avg", "Permute", "ZipIt! (full)", "ZipIt! (partial, stage2)", "Ensemble")
-MARGINS = {"Permute": None, "ZipIt! (full)": None, "ZipIt! (partial, stage2)": None,
-           "Ensemble": None}
+#: Measured: W.Avg 32.0, Permute 63.3, ZipIt! full 66.5, partial (stage2) 71.5, ensemble 90.5.
+MARGINS = {"Permute": 0.15, "ZipIt! (full)": 0.01, "ZipIt! (partial, stage2)": 0.02,
+           "Ensemble": 0.09}
 
 
 def _unflatten(flat: dict) -> dict:
