@@ -2,7 +2,8 @@
 25 epochs on all 5,000 images per class) keep the paper's ordering of methods, and the
 reference mode matches the official code on their real feature spaces.
 
-The pair and a fixed sample of CIFAR-10 are in tests/fixtures/cifar10_pair.npz
+The pair and the indices of a fixed sample of CIFAR-10 are in
+tests/fixtures/cifar10_pair_{a,b}.npz
 (tests/fixtures/make_cifar10_pair.py); the official merges of its spaces in
 tests/fixtures/official_zipit_pair.npz (tests/fixtures/record_official_zipit.py --pair).
 """
@@ -19,13 +20,14 @@ from zipjax import models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CALIBRATION_BATCH = 100
+#: CIFAR-10's .npz folder (data is read from there, never stored in the repository).
+DATA = os.environ.get("ZIPJAX_CIFAR10", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10"))
 
-# Until the pair has finished training and its fixtures are recorded, this module reports
-# itself skipped (pytest -ra names the reason) rather than absent.
+# Without the CIFAR-10 data the module reports itself skipped (pytest -ra names the reason).
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FIXTURES, "official_zipit_pair.npz")),
-    reason="the trained CIFAR-10 pair is not recorded yet: run "
-           "tests/fixtures/make_cifar10_pair.py and record_official_zipit.py --covariances")
+    not os.path.exists(os.path.join(DATA, "test.npz")),
+    reason=f"CIFAR-10 is not at {DATA}; set ZIPJAX_CIFAR10 to its .npz folder")
 
 #: Per-task accuracy (mean of the two tasks) that each method must beat the one before it by:
 #: half the gap measured on this pair and sample (tests/fixtures/cifar10_pair.npz) when the
@@ -47,20 +49,20 @@ def _unflatten(flat: dict) -> dict:
   return out
 
 
-def load_pair(path: str = os.path.join(FIXTURES, "cifar10_pair.npz")):
+def load_pair(data: str = DATA):
   """(spec, (variables a, variables b), calibration batches, test (x, y), tasks, class
-  embeddings), inputs normalised as the models were trained."""
-  with np.load(path) as f:
-    arrays = dict(f)
-  _, spec = models.resnet20(1, arrays["class_embeddings"].shape[1])
-  sources = tuple(_unflatten({k[2:]: v for k, v in arrays.items() if k.startswith(f"{m}/")})
-                  for m in "ab")
-  normalise = lambda x: ((x.astype(np.float32) - np.float32(data_lib.CIFAR10_MEAN))  # noqa: E731
-                         / np.float32(data_lib.CIFAR10_STD))
-  cal = normalise(arrays["calibration_x"])
+  embeddings): the models from tests/fixtures/cifar10_pair_{a,b}.npz, the images of their
+  fixed sample read from ``data`` by index, normalised as the models were trained."""
+  arrays = [dict(np.load(os.path.join(FIXTURES, f"cifar10_pair_{m}.npz"))) for m in "ab"]
+  meta = {k: arrays[0].pop(k) for k in ("tasks", "class_embeddings", "calibration_index",
+                                        "test_index")}
+  _, spec = models.resnet20(1, meta["class_embeddings"].shape[1])
+  sources = tuple(_unflatten(a) for a in arrays)
+  train, test_set = data_lib.load_cifar10_npz(data)
+  cal = train.normalise(train.x[meta["calibration_index"]])
   batches = [cal[i:i + CALIBRATION_BATCH] for i in range(0, len(cal), CALIBRATION_BATCH)]
-  test = (normalise(arrays["test_x"]), arrays["test_y"])
-  return spec, sources, batches, test, arrays["tasks"], arrays["class_embeddings"]
+  test = (test_set.normalise(test_set.x[meta["test_index"]]), test_set.y[meta["test_index"]])
+  return spec, sources, batches, test, meta["tasks"], meta["class_embeddings"]
 
 
 @pytest.fixture(scope="module")
