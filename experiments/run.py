@@ -160,11 +160,13 @@ class _OffsetBatches:
 
 
 def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
-        progress: bool = True, checkpoints: str | None = None
+        progress: bool = True, checkpoints: str | None = None, train_only: bool = False
         ) -> tuple[list[eval_lib.Row], str]:
   """Runs ``config``; returns every row and the Markdown table (also written to out_dir).
 
   Source models are checkpointed in ``checkpoints`` (default ``out_dir/checkpoints``).
+  ``train_only`` trains (or restores) every run's source models first and stops there: no
+  merge, no table (the rows are empty and the table is ``""``).
   """
   exp = prepare(config)
   out_dir = out_dir or config.output_dir
@@ -172,6 +174,10 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
   checkpoints = checkpoints or os.path.join(out_dir, "checkpoints")
   spec, emb = exp.spec, exp.class_embeddings
   rows: list[eval_lib.Row] = []
+  if train_only:
+    for r in range(config.num_runs):
+      train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
+    return [], ""
   pair = 0
   for r in range(config.num_runs):
     sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
@@ -215,12 +221,18 @@ def main(argv: Sequence[str] | None = None, *, default: str = "digits_default") 
   parser.add_argument("--checkpoints", default=None,
                       help="folder of the source models' checkpoints (default: OUT/checkpoints)")
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  parser.add_argument("--train-only", action="store_true",
+                      help="train (or resume) every run's source models, then stop")
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   start = time.perf_counter()
   _, md = run(config, out_dir=args.out, progress=not args.quiet,
-              checkpoints=args.checkpoints)
+              checkpoints=args.checkpoints, train_only=args.train_only)
   out = args.out or config.output_dir
+  if args.train_only:
+    print(f"\n{config.name}: the source models of {config.num_runs} run(s) are trained, "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
   print(f"\n{config.name}: {merged_groups(config)}, {time.perf_counter() - start:.0f} s\n")
   print(md)
   print(f"\nwritten: {out}/results.md, results.csv, results_rows.csv"

@@ -461,8 +461,7 @@ def test_grouped_conv_merges_as_its_block_diagonal_plain_conv():
   stats = zipjax.compute_stats([va, vb], spec, x)
   with pytest.raises(zipjax.MismatchError, match="mixes features of different groups"):
     zipjax.apply_merges([va, vb], spec, zipjax.compute_merges(stats, num_models=2))
-  merges = zipjax.compute_merges(stats, num_models=2,
-                                 groups={s.name: s.groups for s in spec.spaces})
+  merges = zipjax.compute_merges(stats, num_models=2, spec=spec)
   for name in ("conv1", "grouped"):
     ids = np.asarray(merges[name].groups)
     size = spec.width(name) // 4

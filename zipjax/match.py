@@ -2,8 +2,10 @@
 
 from zipjax._src.match import greedy
 from zipjax._src.match import greedy_reference
+from zipjax._src.match import group_similarity
 from zipjax._src.match import identity
 from zipjax._src.match import kmeans
+from zipjax._src.match import match_in_groups
 from zipjax._src.match import Matcher
 from zipjax._src.match import OwnCorrelation
 from zipjax._src.official import official
@@ -16,6 +18,7 @@ from zipjax._src.merge import GroupMerge
 from zipjax._src.merge import Merge
 from zipjax._src.merge import merge_from_groups
 from zipjax._src.match import optimal
+from zipjax._src.match import pair_groups
 from zipjax._src.match import permute
 from zipjax._src.match import same_model_budget
 from zipjax._src.weight_matching import weight_matching
@@ -25,8 +28,10 @@ __all__ = (
     "greedy",
     "greedy_reference",
     "GroupMerge",
+    "group_similarity",
     "identity",
     "kmeans",
+    "match_in_groups",
     "Matcher",
     "Merge",
     "merge_from_groups",
@@ -36,6 +41,7 @@ __all__ = (
     "official_correlation",
     "optimal",
     "OwnCorrelation",
+    "pair_groups",
     "permute",
     "same_model_budget",
     "weight_matching",

@@ -233,25 +233,34 @@ def merge_flats(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Ma
   return leaves, finite
 
 
-def _check_keeps_groups(name: str, merge: Merge, groups: int) -> None:
+def _check_keeps_groups(name: str, merge: Merge, groups: int, *, paired: bool) -> None:
   """Raises unless merged feature j of a space in ``groups`` groups draws only on features of
-  j's group (what GroupNorm and grouped convolutions need; see ``Space.groups``)."""
+  j's group (what GroupNorm and grouped convolutions need; see ``Space.groups``), or, for
+  attention heads (``paired``), on whole groups of each model paired into j's group."""
   size = merge.width // groups
   group = np.arange(merge.width) // size
   if isinstance(merge, DenseMerge):
     m = np.asarray(merge.M).reshape(merge.width, merge.num_models, merge.width)
     u = np.asarray(merge.U).reshape(merge.num_models, merge.width, merge.width)
     off = group[:, None] != group[None, :]
-    ok = not (np.abs(m).transpose(1, 0, 2)[:, off].any() or np.abs(u)[:, off].any())
+    ok = paired or not (np.abs(m).transpose(1, 0, 2)[:, off].any() or np.abs(u)[:, off].any())
+    if paired:  # each model group's features feed one merged group
+      feeds = np.abs(m).transpose(1, 2, 0).reshape(merge.num_models, groups, size, groups, size)
+      ok = bool(((feeds.sum(axis=(2, 4)) > 0).sum(axis=-1) <= 1).all())
   else:
-    ok = bool((np.asarray(merge.groups) // size == group[None, :]).all())
+    into = np.asarray(merge.groups) // size
+    if paired:
+      into = into.reshape(merge.num_models, groups, size)
+      ok = bool((into == into[..., :1]).all())
+    else:
+      ok = bool((into == group[None, :]).all())
   if not ok:
     raise MismatchError(
         f"The merge of space {name!r} mixes features of different groups, but the space is "
-        f"matched within {groups} groups (a GroupNorm or a grouped convolution): merging "
-        "across groups changes what the layer computes. Match it group by group: "
-        "compute_merges(stats, num_models=N, groups={s.name: s.groups for s in spec.spaces}) "
-        "(zipjax.zip does).")
+        f"matched within {groups} groups ("
+        + ("attention heads" if paired else "a GroupNorm or a grouped convolution")
+        + "): merging across groups changes what the layer computes. Match it group by "
+        "group: compute_merges(stats, num_models=N, spec=spec) (zipjax.zip does).")
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -304,7 +313,8 @@ def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
           f"{merge.width}; the models are {len(flats)} of width {width} (M must be "
           f"{(width, len(flats) * width)}, U {(len(flats) * width, width)}).")
     if spec.space(name).groups > 1:
-      _check_keeps_groups(name, merge, spec.space(name).groups)
+      _check_keeps_groups(name, merge, spec.space(name).groups,
+                          paired=spec.space(name).heads is not None)
   merges = spec.composed(merges, needed)
   trunk = None if stop_at is None else frozenset(needed)
   leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel))

@@ -17,7 +17,7 @@ import inspect
 import itertools
 import math
 import numbers
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import scipy.optimize
@@ -83,22 +83,101 @@ def check_matcher(matcher: Any) -> None:
 
 
 def match_in_groups(matcher: Callable, corr: np.ndarray, *, num_models: int,
-                    groups: int = 1) -> Merge:
-  """``matcher`` on the features of each group of a space separately (``groups`` equal
-  parts of every model's features, in order), its merges side by side."""
-  if groups == 1:
+                    groups: int = 1, pairing: np.ndarray | None = None) -> Merge:
+  """``matcher`` on the features of each group of a space separately, its merges side by
+  side: merged group g is matched from the features of the model groups it pairs.
+
+  Arguments:
+    matcher: a per-space matcher that gives group merges (:class:`GroupMerge`).
+    corr: (N * n, N * n) correlation of the N models' features, each model's n features in
+      ``groups`` equal groups, in order.
+    num_models: N.
+    groups: the number of groups G of each model's features.
+    pairing: (N, G) ints, the merged group of each model's group (see :func:`pair_groups`);
+      default: group g of every model makes merged group g. A merged group made of k model
+      groups is matched with ``num_models=k`` (one group alone is kept as it is).
+
+  Returns:
+    A :class:`GroupMerge` whose merged group g (features g * n / G onwards) draws only on
+    the model groups paired into g.
+  """
+  if groups == 1 and pairing is None:
     return matcher(corr, num_models=num_models)
   n = corr.shape[0] // num_models
   size = n // groups
-  ids = []
+  if pairing is None:
+    pairing = np.tile(np.arange(groups), (num_models, 1))
+  pairing = _check_pairing(pairing, num_models, groups)
+  ids = np.empty((num_models, n), np.int64)
   for g in range(groups):
-    index = np.concatenate([m * n + g * size + np.arange(size) for m in range(num_models)])
-    merge = matcher(corr[np.ix_(index, index)], num_models=num_models)
-    if not isinstance(merge, GroupMerge):
-      raise TypeError(f"Matching a space in groups needs group merges; {matcher} gave a "
-                      f"{type(merge).__name__}.")
-    ids.append(np.asarray(merge.groups) + g * size)
-  return GroupMerge(np.concatenate(ids, axis=1))
+    members = np.argwhere(pairing == g)  # (k, 2): model, group, in model order
+    index = np.concatenate([m * n + h * size + np.arange(size) for m, h in members])
+    if len(members) == 1:
+      inner = np.arange(size)[None]
+    else:
+      merge = matcher(corr[np.ix_(index, index)], num_models=len(members))
+      if not isinstance(merge, GroupMerge):
+        raise TypeError(f"Matching a space in groups needs group merges; {matcher} gave a "
+                        f"{type(merge).__name__}.")
+      inner = np.asarray(merge.groups)
+    for (m, h), row in zip(members, inner):
+      ids[m, h * size:(h + 1) * size] = row + g * size
+  return GroupMerge(ids)
+
+
+def _check_pairing(pairing: Any, num_models: int, groups: int) -> np.ndarray:
+  pairing = np.asarray(pairing)
+  if pairing.shape != (num_models, groups) or not np.issubdtype(pairing.dtype, np.integer):
+    raise ValueError(f"A pairing of groups is an int array of shape (num_models, groups) = "
+                     f"{(num_models, groups)}; got {pairing.dtype} {pairing.shape}.")
+  if set(np.unique(pairing).tolist()) != set(range(groups)):
+    raise ValueError(f"A pairing of {groups} groups must use every merged group 0..{groups - 1}; "
+                     f"got {pairing.tolist()}.")
+  return pairing
+
+
+def group_similarity(corr: np.ndarray, *, num_models: int, groups: int) -> np.ndarray:
+  """How alike every two groups of features are: (N * G, N * G), entry (i, j) the mean
+  correlation of the best one-to-one pairing of group i's features with group j's (a linear
+  assignment); 1 on the diagonal. Model m's group h is row m * G + h.
+
+  A group and its copy with its features permuted score 1, so a pairing of groups chosen on
+  this similarity recovers permuted attention heads exactly."""
+  corr = np.asarray(corr, np.float64)
+  n = corr.shape[0] // num_models
+  size = n // groups
+  count = num_models * groups
+  sim = np.eye(count)
+  for i in range(count):
+    for j in range(i + 1, count):
+      block = corr[i * size:(i + 1) * size, j * size:(j + 1) * size]
+      rows, cols = scipy.optimize.linear_sum_assignment(block, maximize=True)
+      sim[i, j] = sim[j, i] = block[rows, cols].mean()
+  return sim
+
+
+def pair_groups(matcher: Callable, corrs: Sequence[np.ndarray], *, num_models: int,
+                groups: int) -> np.ndarray:
+  """Which groups of the N models merge into which: the pairing of attention heads.
+
+  ``matcher`` matches the N * G groups as if each were a feature, on the mean over ``corrs``
+  (the correlations of the spaces that share the groups: an attention layer's query/key
+  space and value/output space) of :func:`group_similarity`. Greedy matching may thus merge
+  two heads of one model, as its same-model budget allows; permute() pairs heads one to one
+  across models; identity() keeps head g with head g.
+
+  Returns:
+    (N, G) ints: the merged group of every model's group, for :func:`match_in_groups`.
+  """
+  if groups == 1:
+    return np.zeros((num_models, 1), np.int64)
+  sim = np.mean([group_similarity(c, num_models=num_models, groups=groups) for c in corrs],
+                axis=0)
+  merge = matcher(sim, num_models=num_models)
+  if not isinstance(merge, GroupMerge):
+    raise TypeError(f"Pairing attention heads needs a matcher that gives group merges; "
+                    f"{getattr(matcher, '__name__', matcher)} gave a {type(merge).__name__}.")
+  return np.asarray(merge.groups, np.int64)
 
 
 def _fraction(name: str, value: Any, *, low_open: bool) -> float:

@@ -68,19 +68,32 @@ class Space:
   group by group: feature j of group g merges only with features of group g of any model, so
   every merged group's statistics come from the groups it merges. A self-merge and a copy
   permuted within its groups come back exactly.
+
+  A space whose groups are attention heads names its attention layer in ``heads``: the
+  spaces with the same ``heads`` (a layer's query/key space, whose merge the queries and keys
+  share so that the attention logits stay consistent, and its value/output space) share one
+  pairing of groups across models, which the matcher chooses on the groups' similarity (see
+  :func:`zipjax.match.pair_groups`: heads of one model may merge too, as its same-model
+  budget allows); each space is then matched within the paired groups. A self-merge and a
+  copy whose heads and within-head features are permuted come back exactly.
   """
 
   name: str
   width: int
   parts: tuple[tuple[str | int, int], ...] = ()
   groups: int = 1
+  heads: str | None = None
 
   def __post_init__(self):
     if self.groups < 1 or self.width % self.groups:
       raise SpecError(f"Space {self.name!r}: width {self.width} does not split into "
                       f"{self.groups} groups.")
-    if self.groups > 1 and self.parts:
-      raise SpecError(f"Space {self.name!r} is made of other spaces; it cannot have groups.")
+    if (self.groups > 1 or self.heads is not None) and self.parts:
+      raise SpecError(f"Space {self.name!r} is made of other spaces; it cannot have groups "
+                      "or heads.")
+    if self.heads is not None and (not isinstance(self.heads, str) or not self.heads):
+      raise SpecError(f"Space {self.name!r}: heads must name the attention layer (a "
+                      f"non-empty str shared by its spaces), got {self.heads!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +377,14 @@ class Spec:
       for axis, ax in axes.items():
         if ax.groups > 1:
           self.check_group_space(path, axis, ax, ax.space, "the space it reads")
+    heads: dict[str, Space] = {}
+    for s in self.spaces:
+      if s.heads is not None and heads.setdefault(s.heads, s).groups != s.groups:
+        first = heads[s.heads]
+        raise SpecError(
+            f"Spaces {first.name!r} and {s.name!r} share heads={s.heads!r} but split into "
+            f"{first.groups} and {s.groups} groups: the spaces of one attention layer have one "
+            "group per head. Give both groups=<number of heads>.")
     composite = {s.name for s in self.spaces if s.parts}
     for s in self.spaces:
       if not s.parts:
@@ -772,15 +793,24 @@ _LAST_CAPTURES: "weakref.WeakKeyDictionary[Spec, Spec]" = weakref.WeakKeyDiction
 
 
 def random_permutations(spec: Spec, key: jax.Array) -> dict[str, np.ndarray]:
-  """One random permutation per space (a space made of spaces permutes as its parts)."""
+  """One random permutation per space (a space made of spaces permutes as its parts).
+
+  A space in groups is permuted within its groups; the groups of the spaces of one attention
+  layer (``Space.heads``) are permuted too, all of that layer's spaces alike."""
   base = [s for s in spec.spaces if not s.parts]
+  heads_key = jax.random.fold_in(key, 1)
+  layers = sorted({s.heads for s in base if s.heads is not None})
+  order = {layer: np.asarray(jax.random.permutation(k, spec.space(
+      next(s.name for s in base if s.heads == layer)).groups))
+      for layer, k in zip(layers, jax.random.split(heads_key, max(len(layers), 1)))}
   keys = jax.random.split(key, max(len(base), 1))
   perms = {}
   for s, k in zip(base, keys):
     size = s.width // s.groups  # within groups only: a group's features stay in it
+    groups = order[s.heads] if s.heads is not None else np.arange(s.groups)
     perms[s.name] = np.concatenate([
-        g * size + np.asarray(jax.random.permutation(kg, size))
-        for g, kg in enumerate(jax.random.split(k, s.groups))])
+        int(g) * size + np.asarray(jax.random.permutation(kg, size))
+        for g, kg in zip(groups, jax.random.split(k, s.groups))])
   return composed_permutations(spec, perms)
 
 

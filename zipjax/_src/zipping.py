@@ -23,27 +23,50 @@ MODES = ("zipjax", "official")
 
 
 def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: int,
-                   matcher: Callable | None = None, groups: Mapping[str, int] | None = None,
+                   matcher: Callable | None = None, spec: spec_lib.Spec | None = None,
+                   groups: Mapping[str, int] | None = None,
                    progress: bool = False) -> dict[str, match_lib.Merge]:
   """One Merge per space from its statistics (see :func:`zipjax.compute_stats`).
 
-  ``groups``: {space: number of groups} for spaces matched group by group (``Space.groups``,
-  e.g. ``{s.name: s.groups for s in spec.spaces}``); the others are matched whole.
+  Arguments:
+    stats: {space: FeatureStats} of the N models.
+    num_models: N.
+    matcher: a per-space matcher (default ``zipjax.match.greedy()``).
+    spec: the models' spec: spaces in groups (``Space.groups``) are matched group by group,
+      and the spaces of one attention layer (``Space.heads``) within groups of heads paired
+      across models (:func:`zipjax.match.pair_groups`, on all of the layer's spaces in
+      ``stats``). Without it every space is matched whole.
+    groups: {space: number of groups}, for a caller without a spec (ignored with one).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    {space: Merge} for every space in ``stats``.
   """
   matcher = matcher or match_lib.greedy()
   match_lib.check_matcher(matcher)
+  heads: dict[str, str] = {}
+  if spec is not None:
+    groups = {s.name: s.groups for s in spec.spaces}
+    heads = {s.name: s.heads for s in spec.spaces if s.heads is not None and s.name in stats}
   groups = groups or {}
-  items = stats.items()
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    items = tqdm.tqdm(items, desc="matching", leave=False)
   if isinstance(matcher, match_lib.OwnCorrelation):
     corr_of = lambda s: matcher.correlation(np.asarray(s.covariance))  # noqa: E731
   else:
     corr_of = lambda s: np.asarray(stats_lib.correlation(s))  # noqa: E731
-  return {name: match_lib.match_in_groups(matcher, corr_of(s), num_models=num_models,
-                                          groups=groups.get(name, 1))
-          for name, s in items}
+  corrs = {name: corr_of(s) for name, s in stats.items()}
+  pairings = {}
+  for layer in dict.fromkeys(heads.values()):
+    names = [n for n, h in heads.items() if h == layer]
+    pairings[layer] = match_lib.pair_groups(matcher, [corrs[n] for n in names],
+                                            num_models=num_models, groups=groups[names[0]])
+  items = corrs.items()
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    items = tqdm.tqdm(items, desc="matching", leave=False)
+  return {name: match_lib.match_in_groups(
+              matcher, corr, num_models=num_models, groups=groups.get(name, 1),
+              pairing=pairings.get(heads.get(name)))
+          for name, corr in items}
 
 
 def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: Iterable[Any],
@@ -98,8 +121,8 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
   else:
     stats = stats_lib.compute_stats(models, spec, data, spaces=spaces, progress=progress,
                                     mesh=mesh, microbatch=microbatch)
-    merges = compute_merges(stats, num_models=len(models), matcher=matcher,
-                            groups={s.name: s.groups for s in spec.spaces}, progress=progress)
+    merges = compute_merges(stats, num_models=len(models), matcher=matcher, spec=spec,
+                            progress=progress)
   merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at)
   if reset_bn:
     merged = bn_lib.reset_batchnorm(merged, spec, data, statistics=statistics,

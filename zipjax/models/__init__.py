@@ -6,10 +6,12 @@ from zipjax.models.official import from_official_resnet20
 from zipjax.models.official import from_official_vgg
 from zipjax.models.official import load_torch_checkpoint
 from zipjax.models.resnet import nnx_resnet20
+from zipjax.models.vit import nnx_vit
 from zipjax.models.resnet import resnet20
 from zipjax.models.resnet import resnet50
 from zipjax.models.vgg import vgg11
 from zipjax.models.vgg import vgg16
+from zipjax.models.vit import vit
 
 __all__ = (
     "from_official_resnet20",
@@ -17,8 +19,10 @@ __all__ = (
     "load_torch_checkpoint",
     "mlp",
     "nnx_resnet20",
+    "nnx_vit",
     "resnet20",
     "resnet50",
     "vgg11",
     "vgg16",
+    "vit",
 )

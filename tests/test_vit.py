@@ -1,0 +1,191 @@
+"""Vision Transformers: attention heads paired across models and merged within pairs."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zipjax
+from zipjax import match, models
+from zipjax import spec as S
+from zipjax._src import spec as spec_src
+from tests import zoo
+
+WIDTH, DEPTH, HEADS, MLP = 32, 2, 4, 48
+
+
+@pytest.fixture(scope="module")
+def vit():
+  model, spec = models.vit(WIDTH, DEPTH, HEADS, MLP, patch=8)
+  x = np.random.default_rng(0).standard_normal((8, 16, 16, 3)).astype(np.float32)
+  return model, spec, x, zoo.init(model, x, seed=0), zoo.init(model, x, seed=1)
+
+
+def _heads_permuted(spec, variables, seed=3):
+  """A copy of ``variables`` with every block's heads permuted (not the identity) and the
+  features within each head permuted; returns it and each block's head order."""
+  key = jax.random.key(seed)
+  perms = spec_src.random_permutations(spec, key)
+  size = WIDTH // HEADS
+  order = {}
+  for i in range(DEPTH):
+    qk, vo = perms[f"block{i}_qk"], perms[f"block{i}_vo"]
+    order[i] = qk[::size] // size
+    np.testing.assert_array_equal(order[i], vo[::size] // size)  # one order per layer
+  assert any((o != np.arange(HEADS)).any() for o in order.values()), "pick another seed"
+  return zipjax.permute_spaces(variables, spec, perms=perms), order
+
+
+def _max_diff(model, va, vb, x):
+  return float(jnp.abs(model.apply(va, x) - model.apply(vb, x)).max())
+
+
+def test_spec_is_right(vit):
+  model, spec, x, va, _ = vit
+  zipjax.check_spec(va, spec, x)
+  assert spec.stop_points == ()
+  assert {s.name: s.heads for s in spec.spaces if s.heads} == {
+      f"block{i}_{k}": f"block{i}" for i in range(DEPTH) for k in ("qk", "vo")}
+
+
+@pytest.mark.parametrize("matcher", [match.greedy(), match.permute(), match.greedy(beta=0.0)],
+                         ids=lambda m: m.__name__)
+def test_self_merge_is_exact(vit, matcher):
+  model, spec, x, va, _ = vit
+  merged = zipjax.zip(va, va, spec, data=[x], matcher=matcher)
+  assert _max_diff(model, merged, va, x) < 1e-5
+
+
+def test_permuted_heads_are_recovered(vit):
+  model, spec, x, va, _ = vit
+  vp, _ = _heads_permuted(spec, va)
+  assert _max_diff(model, vp, va, x) < 1e-5  # the same function
+  merged = zipjax.zip(va, vp, spec, data=[x])
+  assert _max_diff(model, merged, va, x) < 1e-5
+
+
+def test_pairing_is_the_inverse_of_the_head_permutation(vit):
+  model, spec, x, va, _ = vit
+  vp, order = _heads_permuted(spec, va)
+  stats = zipjax.compute_stats([va, vp], spec, [x])
+  for i in range(DEPTH):
+    corrs = [np.asarray(zipjax.correlation(stats[f"block{i}_{k}"])) for k in ("qk", "vo")]
+    pairing = match.pair_groups(match.greedy(), corrs, num_models=2, groups=HEADS)
+    # The copy's head h is the original's head order[h]: both make merged head order[h].
+    np.testing.assert_array_equal(pairing[0], np.arange(HEADS))
+    np.testing.assert_array_equal(pairing[1], order[i])
+
+
+def test_without_head_pairing_the_permuted_copy_is_not_recovered(vit):
+  """The same spec with heads matched in place (plain groups): the test above could fail."""
+  model, spec, x, va, _ = vit
+  vp, _ = _heads_permuted(spec, va)
+  spaces = tuple(S.Space(s.name, s.width, groups=s.groups) for s in spec.spaces)
+  in_place = S.Spec(spaces=spaces, leaves=spec.leaves, stop_points=(), apply=spec.apply,
+                    features=spec.features, batchnorm_stats=spec.batchnorm_stats)
+  merged = zipjax.zip(va, vp, in_place, data=[x])
+  assert _max_diff(model, merged, va, x) > 1e-2
+
+
+def test_real_merge_keeps_heads_whole(vit):
+  model, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x])
+  merges = zipjax.compute_merges(stats, num_models=2, spec=spec)
+  size = WIDTH // HEADS
+  for i in range(DEPTH):
+    into = {k: np.asarray(merges[f"block{i}_{k}"].groups).reshape(2, HEADS, size) // size
+            for k in ("qk", "vo")}
+    for k in into.values():
+      assert (k == k[..., :1]).all()  # every model head feeds one merged head
+    np.testing.assert_array_equal(into["qk"], into["vo"])  # the same pairing for both
+  merged = zipjax.apply_merges([va, vb], spec, merges)
+  assert jax.tree.structure(merged) == jax.tree.structure(va)
+  assert np.isfinite(np.asarray(model.apply(merged, x))).all()
+
+
+def test_merges_that_split_heads_are_refused(vit):
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x])
+  merges = zipjax.compute_merges(stats, num_models=2, spec=spec)
+  size = WIDTH // HEADS
+  ids = np.tile(np.arange(WIDTH), (2, 1))
+  ids[1, [0, size]] = ids[1, [size, 0]]  # model 1's head 0 feeds merged heads 0 and 1
+  merges["block0_qk"] = match.GroupMerge(ids)
+  with pytest.raises(zipjax.MismatchError, match="attention heads"):
+    zipjax.apply_merges([va, vb], spec, merges)
+
+
+def test_nnx_vit_merges_like_linen(vit):
+  model, spec, x, va, vb = vit
+  na, nspec = models.nnx_vit(WIDTH, DEPTH, HEADS, MLP, patch=8, image_size=16,
+                             rngs=nnx.Rngs(0))
+  nb, _ = models.nnx_vit(WIDTH, DEPTH, HEADS, MLP, patch=8, image_size=16, rngs=nnx.Rngs(1))
+  for module, variables in ((na, va), (nb, vb)):
+    nnx.update(module, nnx.State(variables["params"]))
+  np.testing.assert_allclose(na(x), model.apply(va, x), rtol=1e-5, atol=1e-5)
+  zipjax.check_spec(nnx.state(na, nnx.Param), nspec, x)
+  merged = zipjax.zip(na, nb, nspec, data=[x])
+  linen = zipjax.zip(va, vb, spec, data=[x])
+  np.testing.assert_allclose(merged(x), model.apply(linen, x), rtol=1e-4, atol=1e-5)
+
+
+def test_group_similarity_matches_brute_force():
+  rng = np.random.default_rng(0)
+  n, groups, size = 6, 3, 2
+  feats = rng.standard_normal((200, 2 * n))
+  corr = np.corrcoef(feats, rowvar=False)
+  sim = match.group_similarity(corr, num_models=2, groups=groups)
+  for i, j in itertools.product(range(2 * groups), repeat=2):
+    block = corr[i * size:(i + 1) * size, j * size:(j + 1) * size]
+    best = max(np.mean([block[a, p[a]] for a in range(size)])
+               for p in itertools.permutations(range(size)))
+    assert sim[i, j] == pytest.approx(1.0 if i == j else best)
+
+
+def test_pair_groups_merges_heads_of_one_model_within_budget():
+  """Model 0's heads 0 and 1 are copies of each other: greedy merges them when its
+  same-model budget allows, permute never does."""
+  rng = np.random.default_rng(1)
+  size, groups = 4, 4
+  heads = rng.standard_normal((500, 2 * groups, size))
+  heads[:, 1] = heads[:, 0]
+  corr = np.corrcoef(heads.reshape(500, -1), rowvar=False)
+  pairing = match.pair_groups(match.greedy(beta=1.0), [corr], num_models=2, groups=groups)
+  assert pairing[0, 0] == pairing[0, 1]
+  assert (np.bincount(pairing.ravel(), minlength=groups) >= 1).all()
+  pairing = match.pair_groups(match.permute(), [corr], num_models=2, groups=groups)
+  assert sorted(pairing[0].tolist()) == sorted(pairing[1].tolist()) == list(range(groups))
+  merge = match.match_in_groups(match.greedy(beta=1.0), corr, num_models=2, groups=groups,
+                                pairing=match.pair_groups(match.greedy(beta=1.0), [corr],
+                                                          num_models=2, groups=groups))
+  ids = np.asarray(merge.groups).reshape(2, groups, size)
+  assert (ids // size == (ids // size)[..., :1]).all()
+
+
+def test_pairing_is_checked():
+  corr = np.eye(8)
+  with pytest.raises(ValueError, match="shape"):
+    match.match_in_groups(match.greedy(), corr, num_models=2, groups=2,
+                          pairing=np.zeros((2, 3), int))
+  with pytest.raises(ValueError, match="every merged group"):
+    match.match_in_groups(match.greedy(), corr, num_models=2, groups=2,
+                          pairing=np.zeros((2, 2), int))
+
+
+def test_spaces_of_one_layer_need_the_same_heads():
+  with pytest.raises(zipjax.SpecError, match="one group per head"):
+    S.Spec(spaces=(S.Space("qk", 8, groups=4, heads="b0"), S.Space("vo", 8, groups=2,
+                                                                      heads="b0")),
+           leaves={}, stop_points=(), apply=None, features=None, batchnorm_stats=None)
+  with pytest.raises(zipjax.SpecError, match="non-empty str"):
+    S.Space("qk", 8, groups=4, heads="")
+
+
+def test_bad_vit_arguments():
+  with pytest.raises(ValueError, match="multiple of num_heads"):
+    models.vit(width=30, num_heads=4)
+  with pytest.raises(ValueError, match="pool"):
+    models.vit(pool="max")
