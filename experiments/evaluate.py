@@ -38,6 +38,45 @@ class Method:
   index: int = 0
   mode: str = "zipjax"
   capture: str = "every"
+  attention: str = "heads"
+
+
+#: How a merge treats a spec's attention heads (``Space.heads``): "heads" pairs them across
+#: models and merges within pairs (the spec as it is); "in_place" merges head g of every
+#: model with head g of the others (no pairing); "unmerged" leaves their spaces unmerged, so
+#: the attention weights are only averaged.
+ATTENTION = ("heads", "in_place", "unmerged")
+
+_ATTENTION_SPECS: dict = {}
+
+
+def attention_spec(spec: zipjax.Spec, attention: str) -> zipjax.Spec:
+  """``spec`` with its attention heads treated as ``attention`` says (see :data:`ATTENTION`);
+  the same object for the same arguments, so its compiled passes are reused."""
+  if attention not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+  heads = {s.name for s in spec.spaces if s.heads is not None}
+  if attention == "heads" or not heads:
+    return spec
+  key = (id(spec), attention)
+  if key not in _ATTENTION_SPECS:
+    if attention == "in_place":
+      new = dataclasses.replace(spec, spaces=tuple(
+          dataclasses.replace(s, heads=None) for s in spec.spaces))
+    else:
+      why = "attention left unmerged (its weights averaged), to compare"
+      leaves = {p: {a: ax for a, ax in axes.items() if ax.space not in heads}
+                for p, axes in spec.leaves.items()}
+      unmerged = dict(spec.unmerged)
+      for p, axes in spec.leaves.items():
+        dropped = {a: why for a, ax in axes.items() if ax.space in heads}
+        if dropped:
+          unmerged[p] = {**unmerged.get(p, {}), **dropped}
+      new = dataclasses.replace(
+          spec, spaces=tuple(s for s in spec.spaces if s.name not in heads), leaves=leaves,
+          unmerged=unmerged)
+    _ATTENTION_SPECS[key] = (spec, new)  # the spec kept alive: ids stay unique
+  return _ATTENTION_SPECS[key][1]
 
 
 _MERGE_ROWS = {
@@ -66,6 +105,15 @@ def table_methods(num_models: int, *,
     for stop in stop_points:
       name = "ZipIt! (full)" if stop is None else f"ZipIt! (partial, {stop})"
       out.append(Method(name, "merge", zipit, stop_at=stop))
+  for key, attention, label in (("zipit_heads_in_place", "in_place", "heads in place"),
+                                ("zipit_attention_unmerged", "unmerged",
+                                 "attention unmerged")):
+    if key in methods:
+      for stop in stop_points:
+        where = "full" if stop is None else f"partial, {stop}"
+        out.append(Method(f"ZipIt! {label} ({where})", "merge",
+                          match.greedy(alpha=alpha, beta=beta), stop_at=stop,
+                          attention=attention))
   if "zipit_official" in methods:
     for stop in stop_points:
       name = "ZipIt! official (full)" if stop is None else f"ZipIt! official (partial, {stop})"
@@ -149,7 +197,9 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
     elif method.kind == "ensemble":
       model = zipjax.ensemble(sources, spec)
     elif method.kind == "merge":
-      merge_spec = zipjax.spec.last_captures(spec) if method.capture == "last" else spec
+      merge_spec = attention_spec(spec, method.attention)
+      if method.capture == "last":
+        merge_spec = zipjax.spec.last_captures(merge_spec)
       model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,
                               stop_at=method.stop_at, mode=method.mode)
     else:

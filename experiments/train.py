@@ -34,6 +34,8 @@ from experiments import data as data_lib
 from zipjax._src import sharding as sharding_lib
 
 SCHEDULES = ("cosine", "linear")
+#: The values of ``TrainConfig.optimizer``.
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +47,16 @@ class TrainConfig:
     batch_size: images per step; the last partial batch of an epoch is dropped.
     learning_rate: the peak learning rate, reached after the warm-up.
     momentum: SGD (Nesterov) momentum.
-    weight_decay: decoupled L2 weight decay, added to the gradients.
+    weight_decay: SGD: L2 weight decay, added to the gradients; AdamW: its decoupled weight
+      decay.
     warmup_epochs: linear warm-up from 0 to ``learning_rate``.
     schedule: the decay after the warm-up to 0 at the end: "cosine" or "linear".
     label_smoothing: cross-entropy label smoothing (0: none).
     augmentation: random crop (zero padding 4) and horizontal flip.
     logit_scale: CLIP-style heads: logits = scale * cosine similarity.
     seed: initialisation and batch order.
+    optimizer: "sgd" (Nesterov momentum: the paper's CNNs) or "adamw" (b1 0.9, b2 0.999:
+      transformers).
   """
 
   epochs: int = 20
@@ -65,8 +70,12 @@ class TrainConfig:
   augmentation: bool = True
   logit_scale: float = 20.0
   seed: int = 0
+  optimizer: str = "sgd"
 
   def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got "
+                       f"{self.optimizer!r}.")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got "
                        f"{self.schedule!r}.")
@@ -99,6 +108,8 @@ def schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule(config, steps_per_epoch), weight_decay=config.weight_decay)
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.sgd(schedule(config, steps_per_epoch), momentum=config.momentum,
                                nesterov=True))

@@ -178,10 +178,26 @@ def test_label_smoothing_changes_the_loss_as_optax_does():
   assert losses[0.1] != losses[0.0]
 
 
+def test_adamw_optimizer_is_optax_adamw_on_the_schedule():
+  config = train_lib.TrainConfig(epochs=2, learning_rate=1e-3, weight_decay=0.05,
+                                 optimizer="adamw")
+  params = {"w": jnp.asarray([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.asarray([0.5, 0.1, -0.3])}
+  tx = train_lib.make_optimizer(config, steps_per_epoch=5)
+  want = optax.adamw(train_lib.schedule(config, 5), weight_decay=0.05)
+  state, want_state = tx.init(params), want.init(params)
+  for _ in range(3):
+    upd, state = tx.update(grads, state, params)
+    want_upd, want_state = want.update(grads, want_state, params)
+    np.testing.assert_array_equal(upd["w"], want_upd["w"])
+  assert float(jnp.abs(upd["w"]).max()) > 0
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("schedule", "step", "schedule must be one of"),
     ("label_smoothing", 1.0, "label_smoothing"),
     ("epochs", 0, "epochs >= 1"),
+    ("optimizer", "adam", "optimizer must be one of"),
 ])
 def test_train_config_rejects_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):

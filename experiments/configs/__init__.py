@@ -32,11 +32,14 @@ from experiments import data as data_lib
 from experiments.train import TrainConfig
 
 HEADS = ("clip", "ce")
-METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit", "zipit_official")
+METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit", "zipit_official",
+           "zipit_heads_in_place", "zipit_attention_unmerged")
 """Merge methods a config may ask for: the ensemble (every source model run, the upper bound),
 weight averaging, Git Re-Basin weight matching, Permute (correlation matching across models
 only), ZipIt! and ZipIt! in the reference mode (``zipjax.zip(..., mode="official")`` with
-the official alpha and beta), each ZipIt! at every stop point."""
+the official alpha and beta), each ZipIt! at every stop point; for models with attention
+heads (``Space.heads``), ZipIt! with head g of every model merged with head g of the others
+(no pairing of heads) and ZipIt! with attention left unmerged (its weights averaged)."""
 
 CLIP_DIM = 512
 

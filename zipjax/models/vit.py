@@ -39,6 +39,8 @@ POOLS = ("cls", "mean")
 
 
 def _check(width: int, num_heads: int, pool: str) -> None:
+  if not float(width).is_integer():
+    raise ValueError(f"A ViT's width is a whole number of features, got {width}.")
   if pool not in POOLS:
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}.")
   if num_heads < 1 or width % num_heads:
@@ -183,6 +185,7 @@ def vit(width: int = 128, depth: int = 4, num_heads: int = 4, mlp_dim: int = 256
     merged = zipjax.zip(va, vb, spec, data=batches)
   """
   _check(width, num_heads, pool)
+  width = int(width)
   module = ViT(width, depth, num_heads, mlp_dim, patch, num_outputs, pool)
   spaces, leaves = _spec_parts(width, depth, num_heads, mlp_dim, pool, collection="params")
   return module, S.linen_spec(module, spaces=spaces, leaves=leaves,
@@ -266,6 +269,8 @@ def nnx_vit(width: int = 128, depth: int = 4, num_heads: int = 4, mlp_dim: int =
     model_b, _ = zipjax.models.nnx_vit(rngs=nnx.Rngs(1))
     merged = zipjax.zip(model_a, model_b, spec, data=batches)   # an NNXViT
   """
+  _check(width, num_heads, pool)
+  width = int(width)
   args = (width, depth, num_heads, mlp_dim, patch, num_outputs, image_size, channels, pool)
   return (NNXViT(*args[:6], image_size=image_size, channels=channels, pool=pool, rngs=rngs),
           _nnx_vit_spec(*args))
