@@ -189,3 +189,71 @@ def test_bad_vit_arguments():
     models.vit(width=30, num_heads=4)
   with pytest.raises(ValueError, match="pool"):
     models.vit(pool="max")
+
+
+def test_inferred_spec_agrees_with_the_declared_one(vit):
+  model, spec, x, va, _ = vit
+  inferred = zipjax.infer_spec(model, va, x)
+  zipjax.check_spec(va, inferred, x)
+  mapping = {}  # declared space -> inferred space, the same for every leaf axis
+  for path, axes in spec.leaves.items():
+    n = np.ndim(_leaf(va, path))
+    norm = lambda d: {(a % n, ax.role): ax.space for a, ax in d.items()}  # noqa: E731
+    want, have = norm(axes), norm(inferred.leaves[path])
+    assert set(want) == set(have), path
+    for k in want:
+      assert mapping.setdefault(want[k], have[k]) == have[k], (path, k)
+  assert len(set(mapping.values())) == len(mapping) == len(spec.spaces)
+  for name, other in mapping.items():
+    a, b = spec.space(name), inferred.space(other)
+    assert (a.width, a.groups) == (b.width, b.groups), name
+  layers = lambda s, rename: sorted(  # noqa: E731
+      sorted(rename(x.name) for x in s.spaces if x.heads == h)
+      for h in {x.heads for x in s.spaces if x.heads})
+  assert layers(spec, mapping.get) == layers(inferred, lambda n: n)
+
+
+def _leaf(variables, path):
+  node = variables
+  for key in path:
+    node = node[key]
+  return node
+
+
+def test_inferred_spec_recovers_permuted_heads(vit):
+  model, spec, x, va, _ = vit
+  inferred = zipjax.infer_spec(model, va, x)
+  vp = zipjax.permute_spaces(va, inferred, jax.random.key(5))
+  merged = zipjax.zip(va, vp, inferred, data=[x])
+  assert _max_diff(model, merged, va, x) < 1e-5
+
+
+def test_single_head_attention_is_inferred_with_queries_and_keys_as_one_space():
+  def attention(p, x):
+    h = x @ p["e"]
+    q, k, v = h @ p["q"], h @ p["k"], h @ p["v"]
+    w = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k) / 2.0, axis=-1)
+    h = h + jnp.einsum("bts,bsd->btd", w, v) @ p["o"]
+    return jax.nn.relu(h @ p["w1"]) @ p["w2"]
+
+  rng = np.random.default_rng(0)
+  shapes = {"e": (6, 8), "q": (8, 4), "k": (8, 4), "v": (8, 5), "o": (5, 8), "w1": (8, 7),
+            "w2": (7, 3)}
+  p = {k: jnp.asarray(rng.standard_normal(s) * 0.4, jnp.float32) for k, s in shapes.items()}
+  x = jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32)
+  spec = zipjax.infer_spec(attention, p, x)
+  qk = spec.leaves[("q",)][1].space
+  assert spec.leaves[("k",)][1].space == qk
+  assert (spec.space(qk).groups, spec.space(qk).heads) == (1, None)
+  assert len(spec.space_names) == 4  # stream, queries and keys, values, MLP
+  zipjax.check_spec(p, spec, x)
+  pp = zipjax.permute_spaces(p, spec, jax.random.key(1))
+  merged = zipjax.zip(p, pp, spec, data=[x])
+  np.testing.assert_allclose(attention(merged, x), attention(p, x), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_vit_zips_without_a_spec(vit):
+  _, _, x, _, _ = vit
+  na, _ = models.nnx_vit(WIDTH, DEPTH, HEADS, MLP, patch=8, image_size=16, rngs=nnx.Rngs(0))
+  merged = zipjax.zip(na, na, data=[x])  # the spec inferred: heads merged
+  np.testing.assert_allclose(merged(x), na(x), rtol=1e-5, atol=1e-5)

@@ -20,9 +20,13 @@ the axis a slice, pad, reversal, cumulative op or argmax works along, a concaten
 the axes concatenated into it, an axis that a reshape merges with or splits into others, and
 a scanned axis. A space that holds a pinned axis stays unmerged, and so does a space that no
 parameterised layer both writes and reads, and a space that a parameter axis both writes and
-reads (tied weights). A product of two activations (attention scores, attention-weighted
-values) is refused, or with ``attention='unmerged'`` its spaces stay unmerged: the heads of
-attention are not merged. Every other space is merged. A primitive outside the analysis's
+reads (tied weights). Attention is recognised in a product of two activations: queries
+times keys contract the within-head axis of features that a reshape split into heads (or, for
+one head, features not split), batched over the heads; their features become one space in
+groups (the heads) whose attention layer (``Space.heads``) also holds the values' space, whose
+heads are batched with the attention weights'. Any other product over merged features is
+refused, or with ``attention='unmerged'`` its spaces stay unmerged. Every other space is
+merged. A primitive outside the analysis's
 tables raises :class:`SpecError` naming the primitive, the equation and the model code it came
 from, and so does a sort along a feature axis that would otherwise be merged.
 
@@ -52,7 +56,7 @@ from zipjax._src.errors import SpecError, fmt_path
 Path = spec_lib.Path
 Scope = tuple[int, ...]
 
-_ATTENTION_MODES = ("refuse", "unmerged")
+_ATTENTION_MODES = ("heads", "refuse", "unmerged")
 
 # Call-like primitives: one body jaxpr whose inputs and outputs are the equation's, one to one.
 _CALLS = {
@@ -598,6 +602,7 @@ class _SpaceInfo:
   parts: tuple = ()  # a space made of spaces: ((part root or None, width, repeats), ...)
   groups: int = 1  # matched group by group (GroupNorm, grouped convolutions)
   slices: dict = dataclasses.field(default_factory=dict)  # {(leaf, axis): (groups, by axis)}
+  heads: Any = None  # the attention layer whose heads the groups are (a root), or None
 
 
 class _Analysis:
@@ -621,10 +626,15 @@ class _Analysis:
     self.slices: list = []
     self._slice_readers: dict = {}  # (leaf, axis) -> the first activation node it reads
     self.refusals: list = []  # (node, eqn, reason, location)
-    self.bilinear: list = []  # (node, eqn, location): axes of a product of two activations
+    # Products of two activations: [(scope, operands, dimension numbers)]; and their axes:
+    # (node, eqn, location, product index, operand, kind: 'contract', 'batch' or 'free').
+    self.products: list = []
+    self.bilinear: list = []
+    self.split_vars: list = []  # per split: (position, scope, var, axis) of the features
     self.dynamic: set = set()  # (scope, var) depending on the model's inputs
     self.origins: dict = {}  # (scope, var) -> [ {(leaf, axis): through_sqrt} per axis ]
     self.roles: dict = collections.defaultdict(dict)  # (leaf, axis) -> {role: first position}
+    self.layer_axes: set = set()  # (leaf, axis) that a product (dot_general, conv) reads or writes
     self.readers: dict = {}  # (scope, var, axis) -> position of the reading layer
     self.producer: dict = {}  # (scope, var) -> (eqn, rule, output index)
     self.call_in: dict = {}  # (body scope, body invar) -> (scope, caller operand)
@@ -764,6 +774,7 @@ class _Analysis:
         self.splits.append((self.node(scope, ins[i], a), self.node(scope, outs[j], g),
                             self.node(scope, outs[j], k), _shape(outs[j])[g], eqn,
                             tuple(self._callers)))
+        self.split_vars.append((self._pos, scope, ins[i], a))
     for i, g, k, j, b in rule.joins:
       if _is_drop(outs[j]):
         continue
@@ -833,6 +844,8 @@ class _Analysis:
         for (leaf, la), through_sqrt in org.items():
           self.add_role(leaf, la, spec_lib.VAR if role == spec_lib.OUT and through_sqrt
                         else role)
+          if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            self.layer_axes.add((leaf, la))
     if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
       for i, a, j, b in rule.ties:
         for (di, da), (si, sa) in (((i, a), (j, b)), ((j, b), (i, a))):
@@ -840,11 +853,16 @@ class _Analysis:
           if dyn[di] and not dyn[si] and org and org[sa]:
             self.readers.setdefault((scope, ins[di], da), self._pos)
       if eqn.primitive.name == "dot_general" and all(dyn):
-        # A product of two activations (attention): none of its axes can be merged.
+        # A product of two activations (attention): see _attention_heads.
         where = _location(eqn, self._callers)
-        for v in ins:
+        dn = eqn.params["dimension_numbers"]
+        index = len(self.products)
+        self.products.append((scope, tuple(ins), dn, self._pos))
+        for o, v in enumerate(ins):
+          contract, batch = dn[0][o], dn[1][o]
           for a in range(len(_shape(v))):
-            self.bilinear.append((self.node(scope, v, a), eqn, where))
+            kind = "contract" if a in contract else "batch" if a in batch else "free"
+            self.bilinear.append((self.node(scope, v, a), eqn, where, index, o, kind))
 
   def _propagate_origins(self, eqn, rule: _Rule, scope: Scope):
     sqrt = eqn.primitive.name in _SQRT
@@ -1051,6 +1069,53 @@ class _Analysis:
         self.grouped[root] = total
     return slice_of
 
+  def _attention_heads(self) -> None:
+    """Recognises the queries and keys of attention among the products of two activations.
+
+    A product that contracts one axis of each operand is queries times keys if that axis is
+    the within-head axis of features split into heads by a reshape (``q = Dense(h * d)(x)
+    .reshape(..., h, d)``), with both operands' heads axes batched together; or, for one
+    head, an axis of features that are not split (and whose order does not matter). The
+    queries' and keys' features become one space, so that one merge serves both and every
+    logit is an inner product of merged features, in groups (the heads) if split.
+
+    Fills ``self.qk`` ({product index: (heads node or None, [reader])}), ``self.qk_nodes``
+    (a node of each queries-and-keys space) and ``self.qk_splits`` (the splits they use).
+    """
+    self.qk, self.qk_nodes, self.qk_splits = {}, [], set()
+    if self.attention != "heads":
+      return
+    pinned = {self.uf.find(n) for n in self.pins}
+    for index, (scope, ins, dn, pos) in enumerate(self.products):
+      (lc, rc), (lb, _) = dn
+      if len(lc) != 1:
+        continue
+      inner = self.find(scope, ins[0], lc[0])  # the contraction tied both operands' axes
+      batch = {self.find(scope, ins[0], a) for a in lb}
+      found = [n for n, sp in enumerate(self.splits)
+               if self.uf.find(sp[2]) == inner and self.uf.find(sp[1]) in batch]
+      if found:
+        for n in found[1:]:
+          self.uf.union(self.splits[found[0]][0], self.splits[n][0])
+        self.qk_splits.update(found)
+        self.qk_nodes.append(self.splits[found[0]][0])
+        self.qk[index] = (self.splits[found[0]][1], [self.split_vars[n] for n in found])
+      elif inner not in pinned and not any(self.uf.find(sp[2]) == inner for sp in self.splits):
+        self.qk_nodes.append(self.node(scope, ins[0], lc[0]))
+        self.qk[index] = (None, [(pos, scope, ins[0], lc[0]), (pos, scope, ins[1], rc[0])])
+
+  def _weighs_features(self, index: int, operand: int, kind: str, merged: set) -> bool:
+    """Whether an axis of a product of two activations is one that attention's merge keeps
+    right: queries and keys (one space), or an axis of attention-weighted values (features
+    that pass through, weighed by an operand that carries no merged features)."""
+    if index in self.qk:
+      return True
+    if kind != "free":
+      return False
+    scope, ins, _, _ = self.products[index]
+    other = ins[1 - operand]
+    return not any(self.find(scope, other, a) in merged for a in range(len(_shape(other))))
+
   def conclude(self) -> tuple[list[_SpaceInfo], list[frozenset]]:
     """The merged spaces in network order, and the keys of those that are stop points.
 
@@ -1058,6 +1123,7 @@ class _Analysis:
     features but stay unmerged (inputs, outputs and convolution windows left out).
     """
     top = self.closed.jaxpr
+    self._attention_heads()
     groups = collections.defaultdict(list)
     for k, v in enumerate(top.invars[:len(self.paths)]):
       for a in range(len(_shape(v))):
@@ -1074,7 +1140,7 @@ class _Analysis:
       root = self.uf.find(feat)
       inner = {self.uf.find(g), self.uf.find(k)} | joined[s]
       why = None
-      if s not in joined:
+      if s not in joined and s not in self.qk_splits:
         why = "split into parts by a reshape and never joined back"
       elif inner & pinned:
         why = "split into groups by a reshape, and the groups' order matters"
@@ -1089,6 +1155,13 @@ class _Analysis:
         reasons[root] = (f"{why} ({eqn.primitive.name} at {_location(eqn, callers)}); zipjax "
                          "does not merge such an axis yet")
     self.grouped = {r: n for r, n in self.grouped.items() if r not in pinned}
+    # Spaces split into the heads of an attention layer: {space root: the heads' root}.
+    layer_of = {self.uf.find(h) for h, _ in self.qk.values() if h is not None}
+    self.heads = {}
+    for feat, g, _, _, _, _ in self.splits:
+      if self.uf.find(feat) in self.grouped and self.uf.find(g) in layer_of:
+        self.heads[self.uf.find(feat)] = self.uf.find(g)
+    qk_roots = {self.uf.find(n) for n in self.qk_nodes}
     slice_of = self._grouped_convolutions(groups, pinned, reasons)
 
     def leave(axes, why):
@@ -1158,7 +1231,10 @@ class _Analysis:
       if root in made:
         continue
       if root in pinned:
-        leave(axes, why_pinned(root))
+        # Not a feature space when no layer reads or writes it (tokens, to which a position
+        # embedding is added): nothing to report.
+        if any(ka in self.layer_axes for ka in axes):
+          leave(axes, why_pinned(root))
         continue
       if len(axes) < 2 and not inherited[root]:
         leave(axes, "no other parameter axis shares its features")
@@ -1168,7 +1244,7 @@ class _Analysis:
         leave(axes, "tied weights: one parameter axis both reads and writes its space")
         continue
       kinds = set(roles.values()) | inherited[root]
-      if spec_lib.IN in kinds and kinds & {spec_lib.OUT, spec_lib.VAR}:
+      if kinds & {spec_lib.OUT, spec_lib.VAR} and (spec_lib.IN in kinds or root in qk_roots):
         candidates[root] = roles
       else:
         leave(axes, "no layer with parameters both writes and reads its space")
@@ -1178,7 +1254,8 @@ class _Analysis:
       if not axes:
         continue
       if root in pinned:
-        leave(axes, why_pinned(root))
+        if any(ka in self.layer_axes for ka in axes):  # else not a feature space: tokens
+          leave(axes, why_pinned(root))
       elif not any(p in candidates for p, _, _ in parts):
         # Nothing to report when its parts are the model's input (a flattened image).
         whys = [why_pinned(p) if p in pinned else "no layer both writes and reads it"
@@ -1188,24 +1265,42 @@ class _Analysis:
       else:
         composed[root] = roles_of(axes)[0]
 
-    for n, eqn, where in self.bilinear:
+    merged = set(candidates) | set(composed)
+    for n, eqn, where, index, operand, kind in self.bilinear:
       root = self.uf.find(n)
-      if root in composed and self.attention != "refuse":
+      if self.attention == "heads" and self._weighs_features(index, operand, kind, merged):
+        continue
+      if root in composed and self.attention == "unmerged":
         leave(composed.pop(root), f"attention: two activations are multiplied over it at {where}")
         for p, _, _ in made[root]:
           if p in candidates:
             leave(candidates.pop(p), "part of a space that attention multiplies over")
         continue
-      if root not in candidates:
+      if root not in candidates and root not in composed:
         continue
+      axes_of = candidates[root] if root in candidates else composed[root]
       if self.attention == "refuse":
-        names = sorted({fmt_path(self.paths[k]) for k, _ in candidates[root]})
+        names = sorted({fmt_path(self.paths[k]) for k, _ in axes_of})
         raise _error(eqn, "Cannot infer a zip spec: two activations are multiplied together "
                      "(attention scores or attention-weighted values) over a feature axis that "
-                     f"parameters write, of {names[:8]}. zipjax cannot merge attention heads "
-                     "yet. Pass attention='unmerged' to leave these spaces unmerged.", where)
+                     f"parameters write, of {names[:8]}, and attention='refuse'. Pass "
+                     "attention='heads' to merge attention heads, or 'unmerged' to leave "
+                     "these spaces unmerged.", where)
+      if self.attention == "heads":
+        names = sorted({fmt_path(self.paths[k]) for k, _ in axes_of})
+        raise _error(eqn, "Cannot infer a zip spec: two activations are multiplied together "
+                     f"over a feature axis that parameters write, of {names[:8]}, in a form "
+                     "zipjax does not merge. It merges the heads of attention whose query, "
+                     "key and value projections write heads * head_dim features that a "
+                     "reshape splits into heads (q = Dense(h * d)(x).reshape(..., h, d), the "
+                     "logits contracting d and batching h), and single-head attention. Not "
+                     "yet: heads on a kernel axis of their own (flax.linen."
+                     "MultiHeadDotProductAttention's DenseGeneral), queries and keys of "
+                     "different widths, grouped-query attention, rotary position embeddings. "
+                     "Pass attention='unmerged' to leave these spaces unmerged (their weights "
+                     "averaged), or declare a spec (zipjax.spec.Space(..., heads=...)).", where)
       leave(candidates.pop(root), f"attention: two activations are multiplied over it at "
-            f"{where}, and zipjax does not merge attention heads yet")
+            f"{where} (attention='unmerged')")
     for n, eqn, reason, where in self.refusals:
       root = self.uf.find(n)
       if root in candidates:
@@ -1242,10 +1337,15 @@ class _Analysis:
           if root not in last or pos > last[root][0]:
             last[root] = (pos, self.rep[(scope, v)])
 
+    qk_readers = collections.defaultdict(list)  # queries and keys: read by the logits
+    for h, found in self.qk.values():
+      for pos, scope, v, a in found:
+        qk_readers[self.find(scope, v, a)].append((pos, scope, v, a))
     spaces = []
     for root, roles in candidates.items():
       caps = {}
-      for pos, scope, v, a in sorted(readers[root], key=lambda t: t[0]):
+      for pos, scope, v, a in sorted(readers[root] + qk_readers.get(root, []),
+                                     key=lambda t: t[0]):
         (cs, cv, ca), _ = self._walk_back(scope, v, a)
         caps.setdefault((cs, cv), (self.position[(cs, cv)], ca))
       if not caps:
@@ -1265,7 +1365,8 @@ class _Analysis:
                                name_hint=_module_name(self.paths[first]),
                                order=(last.get(root, (0,))[0], root),
                                groups=self.grouped.get(root, 1),
-                               slices={ka: slice_of[ka] for ka in leaf_axes if ka in slice_of}))
+                               slices={ka: slice_of[ka] for ka in leaf_axes if ka in slice_of},
+                               heads=self.heads.get(root)))
     spaces.sort(key=lambda s: s.order)
     base = {s.order[1]: s for s in spaces}
     for root, roles in composed.items():
@@ -1489,7 +1590,7 @@ def _unique_names(spaces: Sequence[_SpaceInfo]) -> list[str]:
 
 def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib.Variables,
                sample_input: Any, *, apply_kwargs: Mapping[str, Any] | None = None,
-               batchnorm_stats: Callable | None = None, attention: str = "refuse",
+               batchnorm_stats: Callable | None = None, attention: str = "heads",
                name: str | None = None) -> spec_lib.Spec:
   """A zip spec for any model, inferred from its jaxpr.
 
@@ -1504,9 +1605,14 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
     batchnorm_stats: for a plain function that has BatchNorm layers, ``batchnorm_stats(
       variables, x) -> {batch_stats path: (mean, var)}`` (see :class:`zipjax.Spec`). Linen
       modules get it from their ``nn.BatchNorm`` layers; by default a plain function has none.
-    attention: what to do with a space that two activations are multiplied over (the heads
-      and head dimensions of attention): 'refuse' raises SpecError, 'unmerged' leaves those
-      spaces unmerged and merges the rest of the model.
+    attention: what to do with a space that two activations are multiplied over (attention):
+      'heads' (the default) merges attention heads where the queries and keys are written
+      as heads * head_dim features that a reshape splits into heads (``q = Dense(h *
+      d)(x).reshape(..., h, d)``; or one head, not split): queries and keys share a space,
+      the values another, both in groups paired across models (``Space.heads``); any other
+      product over merged features raises SpecError. 'refuse' raises SpecError for every
+      such product, 'unmerged' leaves those spaces unmerged (their weights averaged) and
+      merges the rest of the model.
     name: a label for messages.
 
   Returns:
@@ -1517,8 +1623,9 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
 
   Raises:
     SpecError: for a primitive the analysis does not know, a sort along a merged feature axis
-      or (with attention='refuse') attention over merged features; the message names the
-      primitive, the equation and the model code it came from.
+      or a product of two activations it cannot merge (with attention='refuse': any); the
+      message names the primitive, the equation and the model code it came from, and what
+      is supported.
   """
   if attention not in _ATTENTION_MODES:
     raise ValueError(f"attention must be one of {_ATTENTION_MODES}, got {attention!r}.")
@@ -1596,9 +1703,16 @@ def infer_spec(model: nn.Module | Callable[[Any, Any], Any], variables: spec_lib
     unmerged.setdefault(paths[k], {})[a] = why
   root_name = {s.order[1]: n for s, n in zip(plan.spaces, names)}
 
+  # An attention layer is named after the first of its spaces (its queries and keys).
+  layer_name = {}
+  for s, n in zip(plan.spaces, names):
+    if s.heads is not None:
+      layer_name.setdefault(s.heads, n)
+
   def space(s, n):
     parts = tuple((root_name[p] if p is not None else w, r) for p, w, r in s.parts)
-    return spec_lib.Space(n, s.width, parts, groups=s.groups)
+    return spec_lib.Space(n, s.width, parts, groups=s.groups,
+                          heads=layer_name.get(s.heads))
 
   spec = spec_lib.Spec(spaces=tuple(space(s, n) for s, n in zip(plan.spaces, names)),
                        leaves=leaves, stop_points=tuple(name_of[k] for k in plan.stops),
@@ -1614,7 +1728,7 @@ def _is_nnx(model: Any) -> bool:
 
 
 def infer_linen_spec(module: nn.Module, variables: spec_lib.Variables, sample_input: Any, *,
-                     attention: str = "refuse", name: str | None = None,
+                     attention: str = "heads", name: str | None = None,
                      **apply_kwargs) -> spec_lib.Spec:
   """:func:`infer_spec` for a flax.linen module called as ``module.apply(v, x, **apply_kwargs)``
   (``attention`` and ``name`` as in :func:`infer_spec`)."""

@@ -128,7 +128,7 @@ def nnx_spec(module: nnx.Module, *, spaces: Iterable[spec_lib.Space],
                        name=name or type(module).__name__)
 
 
-def infer_nnx_spec(module: nnx.Module, sample_input: Any, *, attention: str = "refuse",
+def infer_nnx_spec(module: nnx.Module, sample_input: Any, *, attention: str = "heads",
                    name: str | None = None) -> spec_lib.Spec:
   """A spec for an NNX module, inferred from the jaxpr of its evaluation-mode forward pass
   over its parameters and BatchNorm statistics (see :func:`zipjax.infer_spec`)."""
