@@ -28,7 +28,9 @@ class Method:
 
   kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher``, ``stop_at``
   and ``mode``; ``capture="last"`` takes each space's features where it is last captured,
-  :func:`zipjax.spec.last_captures`) or 'ensemble'.
+  :func:`zipjax.spec.last_captures`; ``attention`` see :data:`ATTENTION`; ``merges``, if
+  given, ``merges(stats, spec, num_models) -> {space: Merge}`` replaces
+  :func:`zipjax.compute_merges` in a full zip's steps) or 'ensemble'.
   """
 
   name: str
@@ -39,6 +41,7 @@ class Method:
   mode: str = "zipjax"
   capture: str = "every"
   attention: str = "heads"
+  merges: Callable | None = None
 
 
 #: How a merge treats a spec's attention heads (``Space.heads``): "heads" pairs them across
@@ -200,8 +203,14 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
       merge_spec = attention_spec(spec, method.attention)
       if method.capture == "last":
         merge_spec = zipjax.spec.last_captures(merge_spec)
-      model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,
-                              stop_at=method.stop_at, mode=method.mode)
+      if method.merges is not None:  # the steps of a full zip, with its own merges
+        stats = zipjax.compute_stats(sources, merge_spec, calibration)
+        model = zipjax.apply_merges(sources, merge_spec,
+                                    method.merges(stats, merge_spec, len(sources)))
+        model = zipjax.reset_batchnorm(model, merge_spec, calibration)
+      else:
+        model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,
+                                stop_at=method.stop_at, mode=method.mode)
     else:
       raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")
     jax.block_until_ready(model)

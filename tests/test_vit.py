@@ -257,3 +257,32 @@ def test_nnx_vit_zips_without_a_spec(vit):
   na, _ = models.nnx_vit(WIDTH, DEPTH, HEADS, MLP, patch=8, image_size=16, rngs=nnx.Rngs(0))
   merged = zipjax.zip(na, na, data=[x])  # the spec inferred: heads merged
   np.testing.assert_allclose(merged(x), na(x), rtol=1e-5, atol=1e-5)
+
+
+def test_experiment_pairings_match_the_library(vit):
+  """experiments.attention_heads' pairing on Q/K and V/O with greedy is compute_merges'."""
+  from experiments import attention_heads  # pylint: disable=import-outside-toplevel
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x])
+  want = zipjax.compute_merges(stats, num_models=2, spec=spec)
+  got = attention_heads.pairing_merges(on=("qk", "vo"))(stats, spec, 2)
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name].groups, want[name].groups)
+
+
+def test_attention_variants_of_a_spec(vit):
+  from experiments import evaluate  # pylint: disable=import-outside-toplevel
+  _, spec, _, _, _ = vit
+  in_place = evaluate.attention_spec(spec, "in_place")
+  assert in_place is evaluate.attention_spec(spec, "in_place")  # cached: compiled once
+  assert [s.groups for s in in_place.spaces] == [s.groups for s in spec.spaces]
+  assert all(s.heads is None for s in in_place.spaces)
+  unmerged = evaluate.attention_spec(spec, "unmerged")
+  heads = {s.name for s in spec.spaces if s.heads}
+  assert not heads & set(unmerged.space_names)
+  assert all(ax.space not in heads for axes in unmerged.leaves.values() for ax in axes.values())
+  assert ("params", "block0", "query", "kernel") in unmerged.unmerged
+  assert evaluate.attention_spec(spec, "heads") is spec
+  with pytest.raises(ValueError, match="attention must be one of"):
+    evaluate.attention_spec(spec, "none")

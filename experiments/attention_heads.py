@@ -1,0 +1,99 @@
+"""How to merge attention heads: the candidates, on trained ViT pairs.
+
+Every variant zips the pairs fully with ZipIt!'s greedy matcher within heads; they differ in
+how the heads are paired across models (``zipjax.match.pair_groups``): on the similarity of
+the heads' queries and keys and of their values together (zipjax's default), on either
+alone, one to one across models (a linear assignment: no two heads of one model merged), or
+not at all (head g with head g); and against them attention left unmerged. Writes
+``attention_heads.{csv,md}`` (every variant, mean ± std over pairs):
+
+  python -m experiments.attention_heads --config cifar10_vit_clip --runs 0,1 \\
+      --checkpoints runs/cifar10_vit_clip/checkpoints --out experiments/results/cifar10_vit_clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+import zipjax
+from experiments import configs as configs_lib
+from experiments import evaluate as eval_lib
+from experiments import run as run_lib
+from zipjax import match
+
+
+def pairing_merges(*, on: Sequence[str], heads: Callable | None = None) -> Callable:
+  """``merges(stats, spec, num_models)``: greedy within heads, the heads of each attention
+  layer paired by ``heads`` (default: the greedy matcher) on the similarity of the layer's
+  spaces whose names end with one of ``on`` ("qk", "vo")."""
+  greedy = match.greedy()
+  heads = heads or greedy
+
+  def merges(stats, spec, num_models):
+    out = zipjax.compute_merges({n: s for n, s in stats.items() if spec.space(n).heads is None},
+                                num_models=num_models, matcher=greedy, spec=spec)
+    layers = {}
+    for name in stats:
+      if spec.space(name).heads is not None:
+        layers.setdefault(spec.space(name).heads, []).append(name)
+    for names in layers.values():
+      corr = {n: np.asarray(zipjax.correlation(stats[n])) for n in names}
+      groups = spec.space(names[0]).groups
+      pairing = match.pair_groups(heads, [corr[n] for n in names if n.endswith(tuple(on))],
+                                  num_models=num_models, groups=groups)
+      for n in names:
+        out[n] = match.match_in_groups(greedy, corr[n], num_models=num_models, groups=groups,
+                                       pairing=pairing)
+    return out
+
+  return merges
+
+
+def variant_methods(num_models: int) -> list[eval_lib.Method]:
+  """The sources, every variant (a full zip), the ensemble."""
+  names = "ABCDEFGH"
+  out = [eval_lib.Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
+  out += [
+      eval_lib.Method("heads paired on Q/K and V/O (default)", "merge", match.greedy()),
+      eval_lib.Method("heads paired on Q/K", "merge", merges=pairing_merges(on=("qk",))),
+      eval_lib.Method("heads paired on V/O", "merge", merges=pairing_merges(on=("vo",))),
+      eval_lib.Method("heads paired one to one (permute)", "merge",
+                      merges=pairing_merges(on=("qk", "vo"), heads=match.permute())),
+      eval_lib.Method("heads in place", "merge", match.greedy(), attention="in_place"),
+      eval_lib.Method("attention unmerged", "merge", match.greedy(), attention="unmerged"),
+      eval_lib.Method("Ensemble", "ensemble"),
+  ]
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="cifar10_vit_clip")
+  parser.add_argument("--runs", default="0,1", help="comma-separated runs (pairs) to merge")
+  parser.add_argument("--checkpoints", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  args = parser.parse_args(argv)
+  config = configs_lib.override(configs_lib.load(args.config), *args.set)
+  exp = run_lib.prepare(config)
+  rows = []
+  for pair, r in enumerate(int(x) for x in args.runs.split(",")):
+    sources = run_lib.train_sources(config, exp, r, checkpoints=args.checkpoints)
+    group = config.groups[0]
+    calibration, test = run_lib.group_data(config, exp, r, group)
+    tasks, columns = run_lib.group_tasks(config, exp, r, group)
+    rows += eval_lib.evaluate_methods(
+        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
+        test=test, methods=variant_methods(len(group)), class_embeddings=exp.class_embeddings,
+        logit_scale=config.train.logit_scale, task_columns=columns, pair=pair)
+  print(eval_lib.write_table(rows, args.out, name="attention_heads"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
