@@ -286,3 +286,31 @@ def test_attention_variants_of_a_spec(vit):
   assert evaluate.attention_spec(spec, "heads") is spec
   with pytest.raises(ValueError, match="attention must be one of"):
     evaluate.attention_spec(spec, "none")
+
+
+def test_cross_attention_is_inferred_with_heads():
+  """Queries from the stream, keys and values from a second input (its own embedding)."""
+  def cross(p, inputs):
+    x, c = inputs
+    h, cc = x @ p["e"], c @ p["ec"]
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], 2, 4)  # noqa: E731
+    q, k, v = split(h @ p["q"]), split(cc @ p["k"]), split(cc @ p["v"])
+    w = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", w, v).reshape(h.shape)
+    return jax.nn.relu(h + o @ p["o"]) @ p["w2"]
+
+  rng = np.random.default_rng(2)
+  shapes = {"e": (6, 8), "ec": (5, 8), "q": (8, 8), "k": (8, 8), "v": (8, 8), "o": (8, 8),
+            "w2": (8, 3)}
+  p = {k: jnp.asarray(rng.standard_normal(s) * 0.4, jnp.float32) for k, s in shapes.items()}
+  inputs = (jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32),
+            jnp.asarray(rng.standard_normal((3, 7, 5)), jnp.float32))
+  spec = zipjax.infer_spec(cross, p, inputs)
+  qk, vo = spec.leaves[("q",)][1].space, spec.leaves[("v",)][1].space
+  assert spec.leaves[("k",)][1].space == qk
+  assert spec.space(qk).groups == spec.space(vo).groups == 2
+  assert spec.space(qk).heads == spec.space(vo).heads is not None
+  zipjax.check_spec(p, spec, inputs)
+  pp = zipjax.permute_spaces(p, spec, jax.random.key(4))
+  merged = zipjax.zip(p, pp, spec, data=[{"inputs": inputs}])
+  np.testing.assert_allclose(cross(merged, inputs), cross(p, inputs), rtol=1e-5, atol=1e-5)
