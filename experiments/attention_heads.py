@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,16 +26,26 @@ from experiments import run as run_lib
 from zipjax import match
 
 
-def pairing_merges(*, on: Sequence[str], heads: Callable | None = None) -> Callable:
+def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
+                   matchers: Mapping[str, Callable] | None = None) -> Callable:
   """``merges(stats, spec, num_models)``: greedy within heads, the heads of each attention
   layer paired by ``heads`` (default: the greedy matcher) on the similarity of the layer's
-  spaces whose names end with one of ``on`` ("qk", "vo")."""
+  spaces whose names end with one of ``on`` ("qk", "vo"). ``matchers`` ({space name suffix:
+  matcher}, e.g. ``{"stream": match.permute()}``) replaces greedy for the spaces whose names
+  end with a key."""
   greedy = match.greedy()
   heads = heads or greedy
+  matchers = dict(matchers or {})
+
+  def matcher_of(name):
+    return next((m for k, m in matchers.items() if name.endswith(k)), greedy)
 
   def merges(stats, spec, num_models):
-    out = zipjax.compute_merges({n: s for n, s in stats.items() if spec.space(n).heads is None},
-                                num_models=num_models, matcher=greedy, spec=spec)
+    out = {}
+    for name, s in stats.items():
+      if spec.space(name).heads is None:
+        out.update(zipjax.compute_merges({name: s}, num_models=num_models,
+                                         matcher=matcher_of(name), spec=spec))
     layers = {}
     for name in stats:
       if spec.space(name).heads is not None:
@@ -46,8 +56,8 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None) -> Calla
       pairing = match.pair_groups(heads, [corr[n] for n in names if n.endswith(tuple(on))],
                                   num_models=num_models, groups=groups)
       for n in names:
-        out[n] = match.match_in_groups(greedy, corr[n], num_models=num_models, groups=groups,
-                                       pairing=pairing)
+        out[n] = match.match_in_groups(matcher_of(n), corr[n], num_models=num_models,
+                                       groups=groups, pairing=pairing)
     return out
 
   return merges
@@ -64,10 +74,27 @@ def variant_methods(num_models: int) -> list[eval_lib.Method]:
       eval_lib.Method("heads paired one to one (permute)", "merge",
                       merges=pairing_merges(on=("qk", "vo"), heads=match.permute())),
       eval_lib.Method("heads in place", "merge", match.greedy(), attention="in_place"),
+      eval_lib.Method("residual stream by permute, the rest greedy", "merge",
+                      merges=pairing_merges(on=("qk", "vo"),
+                                            matchers={"stream": match.permute()})),
+      eval_lib.Method("residual stream greedy, the rest by permute", "merge",
+                      merges=pairing_merges(on=("qk", "vo"), heads=match.permute(),
+                                            matchers={"qk": match.permute(),
+                                                      "vo": match.permute(),
+                                                      "mlp": match.permute()})),
+      eval_lib.Method("greedy, beta 0.25", "merge", match.greedy(beta=0.25)),
+      eval_lib.Method("Permute (heads and features one to one)", "merge", match.permute()),
       eval_lib.Method("attention unmerged", "merge", match.greedy(), attention="unmerged"),
       eval_lib.Method("Ensemble", "ensemble"),
   ]
   return out
+
+
+def _selected(methods: list[eval_lib.Method], only: str | None) -> list[eval_lib.Method]:
+  if not only:
+    return methods
+  parts = only.split(",")
+  return [m for m in methods if m.kind != "merge" or any(p in m.name for p in parts)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--checkpoints", required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--only", default=None,
+                      help="comma-separated parts of variant names: run only those (and the "
+                      "source models and the ensemble)")
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
@@ -89,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks, columns = run_lib.group_tasks(config, exp, r, group)
     rows += eval_lib.evaluate_methods(
         exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
-        test=test, methods=variant_methods(len(group)), class_embeddings=exp.class_embeddings,
+        test=test, methods=_selected(variant_methods(len(group)), args.only),
+        class_embeddings=exp.class_embeddings,
         logit_scale=config.train.logit_scale, task_columns=columns, pair=pair)
   print(eval_lib.write_table(rows, args.out, name="attention_heads"))
   return 0
