@@ -111,17 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
-  rows = []
-  for pair, r in enumerate(int(x) for x in args.runs.split(",")):
-    sources = run_lib.train_sources(config, exp, r, checkpoints=args.checkpoints)
-    group = config.groups[0]
-    calibration, test = run_lib.group_data(config, exp, r, group)
-    tasks, columns = run_lib.group_tasks(config, exp, r, group)
-    rows += eval_lib.evaluate_methods(
-        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
-        test=test, methods=_selected(variant_methods(len(group)), args.only),
-        class_embeddings=exp.class_embeddings,
-        logit_scale=config.train.logit_scale, task_columns=columns, pair=pair)
+  methods = _selected(variant_methods(len(config.groups[0])), args.only)
+  rows = run_lib.evaluate_runs(config, exp, [int(x) for x in args.runs.split(",")], methods,
+                               checkpoints=args.checkpoints)
   print(eval_lib.write_table(rows, args.out, name="attention_heads"))
   return 0
 

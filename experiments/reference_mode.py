@@ -71,17 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
   stops = config.merge.stop_points
-  rows = []
-  for pair, r in enumerate(int(x) for x in args.runs.split(",")):
-    sources = run_lib.train_sources(config, exp, r, checkpoints=args.checkpoints)
-    group = config.groups[0]
-    calibration, test = run_lib.group_data(config, exp, r, group)
-    tasks, columns = run_lib.group_tasks(config, exp, r, group)
-    rows += eval_lib.evaluate_methods(
-        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
-        test=test, methods=variant_methods(len(group), stops),
-        class_embeddings=exp.class_embeddings, logit_scale=config.train.logit_scale,
-        task_columns=columns, pair=pair)
+  rows = run_lib.evaluate_runs(config, exp, [int(x) for x in args.runs.split(",")],
+                               variant_methods(len(config.groups[0]), stops),
+                               checkpoints=args.checkpoints)
   eval_lib.write_table(rows, args.out, name="reference_vs_default")
   avg = average_table(rows, stops)
   with open(os.path.join(args.out, "reference_vs_default_avg.md"), "w") as f:

@@ -199,6 +199,26 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
   return rows, md
 
 
+def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: Sequence[int],
+                  methods: Sequence[eval_lib.Method], *, checkpoints: str | None,
+                  progress: bool = True) -> list[eval_lib.Row]:
+  """``methods`` on the first group of each of ``runs`` (its source models restored from
+  ``checkpoints``, or trained there), pairs numbered in the order of ``runs``: the loop of
+  experiments that compare their own methods on a config's pairs."""
+  rows = []
+  group = config.groups[0]
+  for pair, r in enumerate(runs):
+    sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
+    calibration, test = group_data(config, exp, r, group)
+    tasks, columns = group_tasks(config, exp, r, group)
+    rows += eval_lib.evaluate_methods(
+        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
+        test=test, methods=methods, class_embeddings=exp.class_embeddings,
+        logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
+        progress=progress)
+  return rows
+
+
 def merged_groups(config: configs_lib.ExperimentConfig) -> str:
   """'3 pairs of source models merged' (or groups, for groups of more than 2)."""
   count = config.num_pairs

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
+import zipjax
 from experiments import configs
+from experiments import evaluate as eval_lib
 from experiments import run as run_lib
 
 
@@ -106,3 +108,23 @@ def test_runner_merges_models_trained_on_different_datasets(tmp_path):
   # The ensemble's heads are the sources: each task's accuracy is its own model's.
   assert by["Ensemble"].per_task == (by["Model A"].per_task[0], by["Model B"].per_task[1])
   assert "| ZipIt! (full) |" in md
+
+
+def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys):
+  args = ["--set", "train.epochs=1", "--set", "num_runs=1", "--set", "model.width=0.25",
+          "--set", "model.num_outputs=16", "--set", "calibration.num_images=64",
+          "--out", str(tmp_path), "--quiet"]
+  assert run_lib.main(args + ["--train-only"]) == 0
+  assert "the source models of 1 run(s) are trained" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["run0_task0", "run0_task1"]
+  assert not os.path.exists(tmp_path / "results.md")  # nothing merged
+  config = configs.override(configs.load("digits_default"), "train.epochs=1", "num_runs=1",
+                            "model.width=0.25", "model.num_outputs=16",
+                            "calibration.num_images=64")
+  exp = run_lib.prepare(config)
+  methods = [eval_lib.Method("Model A", "source"),
+             eval_lib.Method("ZipIt!", "merge", zipjax.match.greedy())]
+  rows = run_lib.evaluate_runs(config, exp, [0], methods,
+                               checkpoints=str(tmp_path / "checkpoints"), progress=False)
+  assert [(r.method, r.pair) for r in rows] == [("Model A", 0), ("ZipIt!", 0)]
+  assert all(0.0 <= r.joint <= 1.0 for r in rows)
