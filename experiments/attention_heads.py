@@ -28,9 +28,10 @@ from zipjax import match
 
 def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
                    matchers: Mapping[str, Callable] | None = None) -> Callable:
-  """``merges(stats, spec, num_models)``: greedy within heads, the heads of each attention
-  layer paired by ``heads`` (default: the greedy matcher) on the similarity of the layer's
-  spaces whose names end with one of ``on`` ("qk", "vo"). ``matchers`` ({space name suffix:
+  """``merges(stats, spec, sources, calibration)``: greedy within heads, the heads of each
+  attention layer paired by ``heads`` (default: the greedy matcher) on the similarity of the
+  layer's spaces whose names end with one of ``on`` ("qk", "vo"), or with ``on=("maps",)`` on
+  the correlation of the heads' attention maps (:func:`attention_maps`). ``matchers`` ({space name suffix:
   matcher}, e.g. ``{"stream": match.permute()}``) replaces greedy for the spaces whose names
   end with a key."""
   greedy = match.greedy()
@@ -40,7 +41,9 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
   def matcher_of(name):
     return next((m for k, m in matchers.items() if name.endswith(k)), greedy)
 
-  def merges(stats, spec, num_models):
+  def merges(stats, spec, sources, calibration):
+    num_models = len(sources)
+    maps = attention_maps(spec, sources, calibration) if on == ("maps",) else None
     out = {}
     for name, s in stats.items():
       if spec.space(name).heads is None:
@@ -53,14 +56,42 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
     for names in layers.values():
       corr = {n: np.asarray(zipjax.correlation(stats[n])) for n in names}
       groups = spec.space(names[0]).groups
-      pairing = match.pair_groups(heads, [corr[n] for n in names if n.endswith(tuple(on))],
-                                  num_models=num_models, groups=groups)
+      if maps is None:
+        pairing = match.pair_groups(heads, [corr[n] for n in names if n.endswith(tuple(on))],
+                                    num_models=num_models, groups=groups)
+      else:  # the heads' attention maps, correlated like features
+        pairing = np.asarray(heads(maps[spec.space(names[0]).heads],
+                                   num_models=num_models).groups)
       for n in names:
         out[n] = match.match_in_groups(matcher_of(n), corr[n], num_models=num_models,
                                        groups=groups, pairing=pairing)
     return out
 
   return merges
+
+
+def attention_maps(spec, sources, calibration) -> dict:
+  """{attention layer: (N * h, N * h) correlation of the models' heads' attention maps} on the
+  first calibration batch, from the layer's queries and keys (its query/key space's two
+  captures, in that order)."""
+  x = next(iter(calibration))
+  x = x[0] if isinstance(x, tuple) else x
+  maps = {}
+  for variables in sources:
+    feats = spec.features(variables, x)
+    for s in spec.spaces:
+      if s.heads is None or not s.name.endswith("qk"):
+        continue
+      q, k = (np.asarray(a, np.float64) for a in feats[s.name])
+      b, t, width = q.shape
+      q = q.reshape(b, t, s.groups, width // s.groups)
+      k = k.reshape(b, t, s.groups, width // s.groups)
+      logits = np.einsum("bqhd,bkhd->hbqk", q, k) / np.sqrt(width // s.groups)
+      logits -= logits.max(-1, keepdims=True)
+      weights = np.exp(logits)
+      weights /= weights.sum(-1, keepdims=True)
+      maps.setdefault(s.heads, []).append(weights.reshape(s.groups, -1))
+  return {layer: np.corrcoef(np.concatenate(m)) for layer, m in maps.items()}
 
 
 def variant_methods(num_models: int) -> list[eval_lib.Method]:
@@ -73,6 +104,12 @@ def variant_methods(num_models: int) -> list[eval_lib.Method]:
       eval_lib.Method("heads paired on V/O", "merge", merges=pairing_merges(on=("vo",))),
       eval_lib.Method("heads paired one to one (permute)", "merge",
                       merges=pairing_merges(on=("qk", "vo"), heads=match.permute())),
+      eval_lib.Method("heads paired on attention maps", "merge",
+                      merges=pairing_merges(on=("maps",))),
+      eval_lib.Method("heads paired on attention maps, one to one", "merge",
+                      merges=pairing_merges(on=("maps",), heads=match.permute())),
+      eval_lib.Method("heads paired on attention maps, residual stream by permute", "merge",
+                      merges=pairing_merges(on=("maps",), matchers={"stream": match.permute()})),
       eval_lib.Method("heads in place", "merge", match.greedy(), attention="in_place"),
       eval_lib.Method("residual stream by permute, the rest greedy", "merge",
                       merges=pairing_merges(on=("qk", "vo"),

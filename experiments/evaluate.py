@@ -29,7 +29,7 @@ class Method:
   kind: 'source' (source model ``index`` alone), 'merge' (zip with ``matcher``, ``stop_at``
   and ``mode``; ``capture="last"`` takes each space's features where it is last captured,
   :func:`zipjax.spec.last_captures`; ``attention`` see :data:`ATTENTION`; ``merges``, if
-  given, ``merges(stats, spec, num_models) -> {space: Merge}`` replaces
+  given, ``merges(stats, spec, sources, calibration) -> {space: Merge}`` replaces
   :func:`zipjax.compute_merges` in a full zip's steps) or 'ensemble'.
   """
 
@@ -206,7 +206,7 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
       if method.merges is not None:  # the steps of a full zip, with its own merges
         stats = zipjax.compute_stats(sources, merge_spec, calibration)
         model = zipjax.apply_merges(sources, merge_spec,
-                                    method.merges(stats, merge_spec, len(sources)))
+                                    method.merges(stats, merge_spec, sources, calibration))
         model = zipjax.reset_batchnorm(model, merge_spec, calibration)
       else:
         model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,

@@ -265,7 +265,7 @@ def test_experiment_pairings_match_the_library(vit):
   _, spec, x, va, vb = vit
   stats = zipjax.compute_stats([va, vb], spec, [x])
   want = zipjax.compute_merges(stats, num_models=2, spec=spec)
-  got = attention_heads.pairing_merges(on=("qk", "vo"))(stats, spec, 2)
+  got = attention_heads.pairing_merges(on=("qk", "vo"))(stats, spec, [va, vb], [x])
   assert set(got) == set(want)
   for name in want:
     np.testing.assert_array_equal(got[name].groups, want[name].groups)
@@ -314,3 +314,15 @@ def test_cross_attention_is_inferred_with_heads():
   pp = zipjax.permute_spaces(p, spec, jax.random.key(4))
   merged = zipjax.zip(p, pp, spec, data=[{"inputs": inputs}])
   np.testing.assert_allclose(cross(merged, inputs), cross(p, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_experiment_pairing_on_attention_maps_recovers_permuted_heads(vit):
+  from experiments import attention_heads  # pylint: disable=import-outside-toplevel
+  model, spec, x, va, _ = vit
+  vp, _ = _heads_permuted(spec, va)
+  stats = zipjax.compute_stats([va, vp], spec, [x])
+  for heads in (match.permute(), match.greedy()):
+    merges = attention_heads.pairing_merges(on=("maps",), heads=heads)(stats, spec, [va, vp],
+                                                                       [x])
+    merged = zipjax.apply_merges([va, vp], spec, merges)
+    assert _max_diff(model, merged, va, x) < 1e-5
