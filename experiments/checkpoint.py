@@ -86,9 +86,21 @@ def check_tree_matches(saved: Mapping[str, tuple], expected: Mapping[str, tuple]
       + f"\nUse the model it was saved from, or delete {where} to start over.")
 
 
-def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
-  """Raises CheckpointError listing every key of ``expected`` whose saved value differs."""
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+  """``saved`` with every key it lacks (at any depth of nested dicts) taken from ``defaults``."""
+  if not isinstance(saved, dict) or not isinstance(defaults, Mapping):
+    return saved
+  return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
+def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str,
+                    defaults: Mapping[str, Any] | None = None) -> None:
+  """Raises CheckpointError listing every key of ``expected`` whose saved value differs; a
+  key the saved record lacks (a setting added after it was written) reads as its value in
+  ``defaults``."""
   expected = json.loads(json.dumps(dict(expected)))  # tuples -> lists, as saved
+  if defaults is not None:
+    saved = _with_defaults(dict(saved), json.loads(json.dumps(dict(defaults))))
   bad = [k for k in sorted(expected) if saved.get(k) != expected[k]]
   if bad:
     lines = [f"  {k}: saved {saved.get(k)!r}, now {expected[k]!r}" for k in bad]
@@ -154,6 +166,7 @@ class TrainCheckpointer:
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
 
   def restore(self, target: Any, *, expected: Mapping[str, Any] | None = None,
+              defaults: Mapping[str, Any] | None = None,
               epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
     """The state and record of ``epoch`` (default: the latest), shaped like ``target``.
 
@@ -162,6 +175,9 @@ class TrainCheckpointer:
         restored state has its structure, shapes, dtypes and shardings (numpy arrays: the
         first device), whichever devices the state was saved from.
       expected: record entries that must equal the saved ones (the run's config, classes...).
+      defaults: what a record written before a setting existed is read as having, nested like
+        ``expected`` (e.g. ``{"config": {"optimizer": "sgd"}}``): a new setting whose default
+        keeps the old behaviour does not orphan the checkpoints written before it.
       epoch: which checkpoint; None: the latest.
 
     Raises:
@@ -182,7 +198,7 @@ class TrainCheckpointer:
       raise CheckpointError(f"{where} is incomplete (no record of its arrays); it is corrupt or "
                             "incomplete. Delete it to start over.")
     if expected is not None:
-      _check_metadata(record, expected, where)
+      _check_metadata(record, expected, where, defaults)
     check_tree_matches(_shapes_from_json(record.pop(_ARRAYS), where), _shapes(target), where)
     # Each array comes back where the target's is (one device for host arrays), whatever
     # devices it was saved from: a state trained data-parallel on 8 devices restores on 1.

@@ -167,6 +167,11 @@ def local_labels(y: np.ndarray, classes: Sequence[int]) -> np.ndarray:
   return out
 
 
+#: How a record written before a ``TrainConfig`` field existed reads: with the field's default,
+#: which keeps the behaviour from before the field.
+_RECORD_DEFAULTS = {"config": {f.name: f.default for f in dataclasses.fields(TrainConfig)}}
+
+
 def run_record(task: data_lib.Dataset, classes: Sequence[int], config: TrainConfig,
                class_embeddings: np.ndarray | None) -> dict[str, Any]:
   """What identifies a training run in its checkpoints: resuming needs all of it unchanged."""
@@ -234,7 +239,7 @@ def train(model: nn.Module, ds: data_lib.Dataset, classes: Sequence[int], config
     if checkpoint_dir is not None:
       ckpt = stack.enter_context(checkpoint_lib.TrainCheckpointer(checkpoint_dir))
       if ckpt.latest_epoch() is not None:
-        state, saved = ckpt.restore(state, expected=record)
+        state, saved = ckpt.restore(state, expected=record, defaults=_RECORD_DEFAULTS)
         start_epoch, loss = int(saved["epoch"]), float(saved["loss"])
     if mesh is not None:
       state = sharding_lib.replicate(state, mesh)

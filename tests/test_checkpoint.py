@@ -186,6 +186,24 @@ def test_train_checkpointer_errors(tmp_path):
         "float32[3, 3, 2, 5]" in str(info.value)
 
 
+
+def test_a_setting_added_after_the_checkpoint_reads_as_its_default(tmp_path):
+  with ckpt_lib.TrainCheckpointer(tmp_path / "run") as ckpt:
+    ckpt.save(2, _state(), {"config": {"lr": 0.1}, "classes": [0, 1]})
+  with ckpt_lib.TrainCheckpointer(tmp_path / "run") as ckpt:
+    defaults = {"config": {"lr": 0.3, "optimizer": "sgd"}}
+    _, record = ckpt.restore(_state(), expected={"config": {"lr": 0.1, "optimizer": "sgd"}},
+                             defaults=defaults)
+    assert record["classes"] == [0, 1]
+    with pytest.raises(ckpt_lib.CheckpointError) as info:  # the default is not what it asks
+      ckpt.restore(_state(), expected={"config": {"lr": 0.1, "optimizer": "adamw"}},
+                   defaults=defaults)
+    assert "saved {'lr': 0.1, 'optimizer': 'sgd'}, now {'lr': 0.1, 'optimizer': 'adamw'}" \
+        in str(info.value)
+    with pytest.raises(ckpt_lib.CheckpointError):  # a saved value is never replaced
+      ckpt.restore(_state(), expected={"config": {"lr": 0.3, "optimizer": "sgd"}},
+                   defaults=defaults)
+
 def _damage(step, kind: str) -> None:
   if kind == "data":  # truncated array files
     for f in glob.glob(str(step / "**" / "d" / "*"), recursive=True):
