@@ -2,6 +2,6 @@
 
 import sys
 
-from experiments import run
+from . import run
 
 sys.exit(run.main())

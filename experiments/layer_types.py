@@ -31,8 +31,8 @@ import numpy as np
 import tqdm
 
 import zipjax
-from experiments import data as data_lib
-from experiments import train as train_lib
+from . import data as data_lib
+from . import train as train_lib
 
 
 class ResidualMLP(nn.Module):

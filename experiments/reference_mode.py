@@ -20,9 +20,9 @@ import os
 import sys
 from typing import Sequence
 
-from experiments import configs as configs_lib
-from experiments import evaluate as eval_lib
-from experiments import run as run_lib
+from . import configs as configs_lib
+from . import evaluate as eval_lib
+from . import run as run_lib
 from zipjax import match
 
 #: name -> (matcher factory, capture, mode).

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import configs as configs_lib
-from experiments import data as data_lib
-from experiments import evaluate as eval_lib
-from experiments import train as train_lib
+from . import configs as configs_lib
+from . import data as data_lib
+from . import evaluate as eval_lib
+from . import train as train_lib
 
 def methods_for(config: configs_lib.ExperimentConfig, num_models: int):
   """The Table 1 rows of one group, from the config's methods and stop points."""

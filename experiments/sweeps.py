@@ -34,9 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import configs as configs_lib
-from experiments import evaluate as eval_lib
-from experiments import run as run_lib
+from . import configs as configs_lib
+from . import evaluate as eval_lib
+from . import run as run_lib
 from zipjax import match
 
 SWEEPS = ("beta", "width", "calibration", "matchers")

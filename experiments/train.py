@@ -29,8 +29,8 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from experiments import checkpoint as checkpoint_lib
-from experiments import data as data_lib
+from . import checkpoint as checkpoint_lib
+from . import data as data_lib
 from zipjax._src import sharding as sharding_lib
 
 SCHEDULES = ("cosine", "linear")

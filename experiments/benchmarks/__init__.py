@@ -12,10 +12,10 @@ Markdown table and writes ``results.json`` and ``results.md`` (default: runs/ben
 - ``zip_memory``: peak memory of ``zipjax.zip`` vs the bytes of the models and statistics.
 """
 
-from experiments.benchmarks.suite import BENCHMARKS
-from experiments.benchmarks.suite import main
-from experiments.benchmarks.suite import run_suite
-from experiments.benchmarks.suite import to_markdown
-from experiments.benchmarks.suite import write
+from ..benchmarks.suite import BENCHMARKS
+from ..benchmarks.suite import main
+from ..benchmarks.suite import run_suite
+from ..benchmarks.suite import to_markdown
+from ..benchmarks.suite import write
 
 __all__ = ("BENCHMARKS", "main", "run_suite", "to_markdown", "write")

@@ -2,6 +2,6 @@
 
 import sys
 
-from experiments.benchmarks import suite
+from ..benchmarks import suite
 
 sys.exit(suite.main())

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 import zipjax
-from experiments.benchmarks import common
-from experiments.benchmarks import greedy as greedy_bench
+from ..benchmarks import common
+from ..benchmarks import greedy as greedy_bench
 from zipjax import match
 
 NAME = "apply_merges"
@@ -193,7 +193,7 @@ def run(scale: str, *, progress: bool = False) -> common.Result:
   s = SETTINGS[scale]
   if progress:
     print("apply_merges: timing in a fresh process with a steady allocator", file=sys.stderr)
-  result = common.run_worker("experiments.benchmarks.apply_merges", dataclasses.asdict(s),
+  result = common.run_worker(__spec__.name, dataclasses.asdict(s),
                              timeout_s=s.timeout_s, env=common.STEADY_ALLOCATOR_ENV)
   return common.Result([row for case in result["cases"] for row in _rows(case, s)])
 

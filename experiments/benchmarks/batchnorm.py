@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 import zipjax
-from experiments.benchmarks import common
+from ..benchmarks import common
 
 NAME = "batchnorm"
 TITLE = "BatchNorm reset vs train-mode forward passes"

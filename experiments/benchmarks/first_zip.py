@@ -19,7 +19,7 @@ import time
 import jax
 
 import zipjax
-from experiments.benchmarks import common
+from ..benchmarks import common
 
 NAME = "first_zip"
 TITLE = "First zip in a fresh process"
@@ -85,7 +85,7 @@ def run(scale: str, *, progress: bool = False) -> common.Result:
     if progress:
       print(f"first_zip: {common.model_label(s.arch, s.width)} in a fresh process",
             file=sys.stderr)
-    result = common.run_worker("experiments.benchmarks.first_zip", dataclasses.asdict(s),
+    result = common.run_worker(__spec__.name, dataclasses.asdict(s),
                                timeout_s=s.timeout_s)
     calls = result["calls"]
     base = calls["repeat"]["seconds"]

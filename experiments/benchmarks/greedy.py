@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from experiments.benchmarks import common
+from ..benchmarks import common
 from zipjax import match
 
 NAME = "greedy"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 
 import zipjax
-from experiments.benchmarks import common
+from ..benchmarks import common
 
 NAME = "stats"
 TITLE = "Feature statistics vs plain forward passes"

@@ -22,14 +22,14 @@ import traceback
 from types import ModuleType
 from typing import Sequence
 
-from experiments.benchmarks import apply_merges
-from experiments.benchmarks import batchnorm
-from experiments.benchmarks import common
-from experiments.benchmarks import first_zip
-from experiments.benchmarks import greedy
-from experiments.benchmarks import stats
-from experiments.benchmarks import zip_memory
-from experiments.benchmarks import zip_stages
+from ..benchmarks import apply_merges
+from ..benchmarks import batchnorm
+from ..benchmarks import common
+from ..benchmarks import first_zip
+from ..benchmarks import greedy
+from ..benchmarks import stats
+from ..benchmarks import zip_memory
+from ..benchmarks import zip_stages
 
 #: Every benchmark, in the order the suite runs them.
 BENCHMARKS: dict[str, ModuleType] = {

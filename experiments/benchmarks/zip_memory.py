@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 
 import zipjax
-from experiments.benchmarks import common
+from ..benchmarks import common
 
 NAME = "zip_memory"
 TITLE = "zipjax.zip peak memory"
@@ -140,7 +140,7 @@ def _measure_payload(payload: dict) -> dict:
 
 def run_worker(s: Settings) -> dict:
   """Runs :func:`measure` in a fresh Python process."""
-  return common.run_worker("experiments.benchmarks.zip_memory", dataclasses.asdict(s),
+  return common.run_worker(__spec__.name, dataclasses.asdict(s),
                            timeout_s=s.timeout_s)
 
 

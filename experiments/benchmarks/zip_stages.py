@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import zipjax
-from experiments.benchmarks import common
+from ..benchmarks import common
 
 NAME = "zip_stages"
 TITLE = "zipjax.zip stage by stage"

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import data as data_lib
-from experiments.train import TrainConfig
+from .. import data as data_lib
+from ..train import TrainConfig
 
 HEADS = ("clip", "ce")
 METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit", "zipit_official",
@@ -357,7 +357,9 @@ def load(spec: str) -> ExperimentConfig:
   if target.endswith(".py"):
     if not os.path.exists(target):
       raise FileNotFoundError(f"No config file {target}.")
-    name = "experiments.configs._loaded_" + os.path.splitext(os.path.basename(target))[0]
+    # Named inside this package, so that a config's relative imports (``from . import _cifar``)
+    # resolve whatever name the package is installed under.
+    name = f"{__name__}._loaded_" + os.path.splitext(os.path.basename(target))[0]
     module_spec = importlib.util.spec_from_file_location(name, target)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

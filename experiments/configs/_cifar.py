@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import configs as C
-from experiments.train import TrainConfig
+from .. import configs as C
+from ..train import TrainConfig
 
 #: SGD, momentum 0.9, weight decay 5e-4, batch 500, peak learning rate 0.4 after 5 epochs of
 #: warm-up, then linear decay over 100 epochs.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import configs as C
-from experiments.train import TrainConfig
+from .. import configs as C
+from ..train import TrainConfig
 
 NABIRDS = "../shared/data/nabirds"
 

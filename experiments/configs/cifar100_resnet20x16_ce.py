@@ -16,8 +16,8 @@ its two models in well under a minute on a 2-core CPU.
 
 from __future__ import annotations
 
-from experiments import configs as C
-from experiments.configs import _cifar
+from .. import configs as C
+from ..configs import _cifar
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:

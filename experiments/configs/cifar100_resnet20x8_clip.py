@@ -16,8 +16,8 @@ The local variant (ResNet-20 x1, 10 of the 100 classes split 5+5, 200 images per
 
 from __future__ import annotations
 
-from experiments import configs as C
-from experiments.configs import _cifar
+from .. import configs as C
+from ..configs import _cifar
 
 EMBEDDINGS = "../shared/data/clip/cifar100_class_names_clip_features.csv"
 

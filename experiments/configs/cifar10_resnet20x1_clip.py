@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import configs as C
-from experiments.configs import _cifar
-from experiments.train import TrainConfig
+from .. import configs as C
+from ..configs import _cifar
+from ..train import TrainConfig
 
 DATA = "../shared/data/cifar10"
 EMBEDDINGS = "../shared/data/clip/cifar10_class_names_clip_features.csv"

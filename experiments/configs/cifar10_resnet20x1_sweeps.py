@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import configs as C
-from experiments.configs import cifar10_resnet20x4_clip
+from .. import configs as C
+from ..configs import cifar10_resnet20x4_clip
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:

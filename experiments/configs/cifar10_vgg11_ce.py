@@ -15,8 +15,8 @@ models in a few minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-from experiments import configs as C
-from experiments.configs import _cifar
+from .. import configs as C
+from ..configs import _cifar
 
 DATA = "../shared/data/cifar10"
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import configs as C
-from experiments.train import TrainConfig
+from .. import configs as C
+from ..train import TrainConfig
 
 DATA = "../shared/data/cifar10"
 EMBEDDINGS = "../shared/data/clip/cifar10_class_names_clip_features.csv"

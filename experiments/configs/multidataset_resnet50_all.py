@@ -15,8 +15,8 @@ of the pipeline on a CPU; it still needs the four datasets.
 
 from __future__ import annotations
 
-from experiments import configs as C
-from experiments.configs import _multidataset
+from .. import configs as C
+from ..configs import _multidataset
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:
