@@ -12,10 +12,10 @@ Markdown table and writes ``results.json`` and ``results.md`` (default: runs/ben
 - ``zip_memory``: peak memory of ``zipjax.zip`` vs the bytes of the models and statistics.
 """
 
-from ..benchmarks.suite import BENCHMARKS
-from ..benchmarks.suite import main
-from ..benchmarks.suite import run_suite
-from ..benchmarks.suite import to_markdown
-from ..benchmarks.suite import write
+from .suite import BENCHMARKS
+from .suite import main
+from .suite import run_suite
+from .suite import to_markdown
+from .suite import write
 
 __all__ = ("BENCHMARKS", "main", "run_suite", "to_markdown", "write")

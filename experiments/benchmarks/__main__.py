@@ -2,6 +2,6 @@
 
 import sys
 
-from ..benchmarks import suite
+from . import suite
 
 sys.exit(suite.main())

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 import zipjax
-from ..benchmarks import common
-from ..benchmarks import greedy as greedy_bench
+from . import common
+from . import greedy as greedy_bench
 from zipjax import match
 
 NAME = "apply_merges"

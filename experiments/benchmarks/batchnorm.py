@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 import zipjax
-from ..benchmarks import common
+from . import common
 
 NAME = "batchnorm"
 TITLE = "BatchNorm reset vs train-mode forward passes"

@@ -19,7 +19,7 @@ import time
 import jax
 
 import zipjax
-from ..benchmarks import common
+from . import common
 
 NAME = "first_zip"
 TITLE = "First zip in a fresh process"

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..benchmarks import common
+from . import common
 from zipjax import match
 
 NAME = "greedy"

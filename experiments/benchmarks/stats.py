@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 
 import zipjax
-from ..benchmarks import common
+from . import common
 
 NAME = "stats"
 TITLE = "Feature statistics vs plain forward passes"

@@ -22,14 +22,14 @@ import traceback
 from types import ModuleType
 from typing import Sequence
 
-from ..benchmarks import apply_merges
-from ..benchmarks import batchnorm
-from ..benchmarks import common
-from ..benchmarks import first_zip
-from ..benchmarks import greedy
-from ..benchmarks import stats
-from ..benchmarks import zip_memory
-from ..benchmarks import zip_stages
+from . import apply_merges
+from . import batchnorm
+from . import common
+from . import first_zip
+from . import greedy
+from . import stats
+from . import zip_memory
+from . import zip_stages
 
 #: Every benchmark, in the order the suite runs them.
 BENCHMARKS: dict[str, ModuleType] = {

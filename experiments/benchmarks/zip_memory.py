@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 
 import zipjax
-from ..benchmarks import common
+from . import common
 
 NAME = "zip_memory"
 TITLE = "zipjax.zip peak memory"

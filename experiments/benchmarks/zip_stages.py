@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import zipjax
-from ..benchmarks import common
+from . import common
 
 NAME = "zip_stages"
 TITLE = "zipjax.zip stage by stage"

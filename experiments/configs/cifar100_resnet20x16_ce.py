@@ -17,7 +17,7 @@ its two models in well under a minute on a 2-core CPU.
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _cifar
+from . import _cifar
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:

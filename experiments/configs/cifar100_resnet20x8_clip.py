@@ -17,7 +17,7 @@ The local variant (ResNet-20 x1, 10 of the 100 classes split 5+5, 200 images per
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _cifar
+from . import _cifar
 
 EMBEDDINGS = "../shared/data/clip/cifar100_class_names_clip_features.csv"
 

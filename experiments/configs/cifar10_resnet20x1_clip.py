@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import configs as C
-from ..configs import _cifar
+from . import _cifar
 from ..train import TrainConfig
 
 DATA = "../shared/data/cifar10"

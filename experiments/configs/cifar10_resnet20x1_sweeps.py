@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import configs as C
-from ..configs import cifar10_resnet20x4_clip
+from . import cifar10_resnet20x4_clip
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:

@@ -16,7 +16,7 @@ models in about 4 minutes on a 2-core CPU (~170 images/s).
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _cifar
+from . import _cifar
 
 DATA = "../shared/data/cifar10"
 EMBEDDINGS = "../shared/data/clip/cifar10_class_names_clip_features.csv"

@@ -16,7 +16,7 @@ models in a few minutes on a 2-core CPU.
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _cifar
+from . import _cifar
 
 DATA = "../shared/data/cifar10"
 

@@ -20,7 +20,7 @@ The local variant (ResNet-50 x0.25 at 64x64, 20 classes split 10+10, 40 images p
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _imagenet
+from . import _imagenet
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:

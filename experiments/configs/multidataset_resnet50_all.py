@@ -16,7 +16,7 @@ of the pipeline on a CPU; it still needs the four datasets.
 from __future__ import annotations
 
 from .. import configs as C
-from ..configs import _multidataset
+from . import _multidataset
 
 
 def get_config(arg: str | None = None) -> C.ExperimentConfig:
