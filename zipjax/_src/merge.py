@@ -61,7 +61,7 @@ class GroupMerge(Merge):
     groups: (N, n) int32; ``groups[m, j]`` is the merged feature (0..n-1) that feature j of
       model m belongs to. Every merged feature has at least one member.
 
-  M[g, m*n + j] = 1/|g| and U[m*n + j, g] = 1 where groups[m, j] = g, else 0.
+  ``M[g, m*n + j] = 1/|g|`` and ``U[m*n + j, g] = 1`` where ``groups[m, j] = g``, else 0.
 
   Raises:
     ValueError: if ``groups`` is not (N, n) with N >= 1, holds ids outside 0..n-1, or leaves a

@@ -105,7 +105,7 @@ def _counting(promote_dtype: Callable, axis, counts: dict, path: tuple) -> Calla
 def nnx_spec(module: nnx.Module, *, spaces: Iterable[spec_lib.Space],
              leaves: Mapping[spec_lib.Path, spec_lib.LeafAxes],
              stop_points: Sequence[str] = (), name: str | None = None) -> spec_lib.Spec:
-  """A spec for an NNX module whose ``__call__`` ``capture``s its features.
+  """A spec for an NNX module whose ``__call__`` records its features with ``capture``.
 
   Leaves are named as in the module's state, without a collection: ``('conv1', 'kernel')``;
   build them with the helpers' ``collection=None`` (``zipjax.spec.conv('conv1', None, 's1',

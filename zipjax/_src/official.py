@@ -151,7 +151,7 @@ def official(*, alpha: float = OFFICIAL_ALPHA, beta: float = OFFICIAL_BETA) -> O
   On the same correlation it makes the same merges as the official code, bit for bit (tested
   against merges recorded from it); ``zip`` and ``compute_merges`` give it the official
   correlation of the features' covariance (:func:`official_correlation`). Its merges are
-  :class:`DenseMerge`s, M = P^T / (|g| + 1e-5).
+  :class:`DenseMerge`s, ``M = P^T / (|g| + 1e-5)``.
 
   Args:
     alpha: how strongly merged features attract further merges (official default 0.3; any

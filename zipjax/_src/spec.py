@@ -101,7 +101,7 @@ class Axis:
   """What one array axis does with a space: ``role`` is 'out', 'in' or 'var'.
 
   An 'in' axis with ``groups`` > 1 reads one group's slice of the space (width / groups
-  features): the kernel of a grouped convolution, (*window, in / groups, out), whose output
+  features): the kernel of a grouped convolution, ``(*window, in / groups, out)``, whose output
   channel o reads group o // (out / groups) of its input. ``by`` is the leaf's axis that says
   which group (the output channels; -1 in flax's layout). The space, and the space of the
   ``by`` axis if it is merged, are matched within groups (their ``groups`` a multiple of this
@@ -225,7 +225,7 @@ def dense(name: str | Sequence[str], in_space: str | None, out_space: str | None
 def conv(name: str | Sequence[str], in_space: str | None, out_space: str | None, *,
          bias: bool = True, groups: int = 1,
          collection: str | None = "params") -> dict[Path, LeafAxes]:
-  """``nn.Conv`` / ``nnx.Conv`` of any spatial rank: kernel (*window, in / groups, out),
+  """``nn.Conv`` / ``nnx.Conv`` of any spatial rank: kernel ``(*window, in / groups, out)``,
   bias (out).
 
   ``groups`` is the layer's ``feature_group_count``: a grouped convolution's kernel reads one
@@ -553,7 +553,7 @@ def linen_spec(module: nn.Module, *, spaces: Iterable[Space],
                leaves: Mapping[Path, LeafAxes], stop_points: Sequence[str] = (),
                apply_kwargs: Mapping[str, Any] | None = None,
                name: str | None = None) -> Spec:
-  """A spec for a flax.linen module that ``capture``s its features.
+  """A spec for a flax.linen module that records its features with ``capture``.
 
   Args:
     module: the module; ``module.apply(variables, x, **apply_kwargs)`` is inference mode.
