@@ -214,12 +214,13 @@ def _check_corr(corr, num_models: int, dtype=np.float64) -> tuple[np.ndarray, in
 
 
 def _symmetrise(a: np.ndarray, tile: int = 128) -> np.ndarray:
-  """(a + a.T) / 2, exactly symmetric (ties then break the same way from either side), in
-  tiles: a whole-matrix transpose-add walks memory across rows and is 4 times slower.
+  """(a + a.T) / 2 of a square array, exactly symmetric (ties then break the same way from
+  either side), computed in ``tile`` x ``tile`` tiles.
 
-  The result is a view of rows padded to a stride that is not a multiple of 4 KiB: a
-  column of a matrix whose rows are a power of two apart in memory falls into one cache set,
-  which made the transposed tiles here (and greedy's column writes) twice as slow.
+  Returns a view of a :func:`_padded` array of ``a``'s shape and dtype, whose rows lie 64
+  bytes more than a row apart (so that a column of a matrix a power of two wide does not fall
+  into one cache set). The measurements behind the tiles and the padding are in
+  docs/design.md, Greedy.
   """
   dim = a.shape[0]
   out = _padded(dim, a.dtype)
@@ -258,9 +259,9 @@ _LIMIT = 16  # the fewest candidates a batch may take after one that was cut sho
 
 
 def _merged_rows(C: np.ndarray, I: np.ndarray, J: np.ndarray, alpha: float) -> np.ndarray:
-  """alpha * min(C[I], C[J]), row by row. Computed in chunks of rows, so that the only large
-  array allocated is the result: the temporaries come from memory the process reuses, where
-  fresh arrays of the whole size cost page faults (a first batch merges hundreds of rows)."""
+  """alpha * min(C[I], C[J]), row by row: a new (len(I), C.shape[1]) array of C's dtype.
+  Computed in chunks of ``_CHUNK`` rows, so that the result is the only array of its size
+  allocated (why: docs/design.md, Greedy)."""
   new = np.empty((len(I), C.shape[1]), C.dtype)
   for lo in range(0, len(I), _CHUNK):
     out = new[lo:lo + _CHUNK]
@@ -270,9 +271,9 @@ def _merged_rows(C: np.ndarray, I: np.ndarray, J: np.ndarray, alpha: float) -> n
 
 
 def _lazily(*arrays: np.ndarray, chunk: int = 32):
-  """zip(*arrays) as Python scalars, converted in chunks that double in length: a batch
-  usually stops within its first few candidates, and converting whole arrays cost more than
-  the loop over them."""
+  """zip(*arrays) as Python scalars, converted lazily in chunks of ``chunk``, 2 * ``chunk``,
+  4 * ``chunk``, ... elements, so that a loop that stops early converts little (why:
+  docs/design.md, Greedy). The arrays have one length."""
   for step in itertools.count():
     start = chunk * (2 ** step - 1)
     if start >= len(arrays[0]):
@@ -293,8 +294,8 @@ def _compacted(C: np.ndarray, keep: np.ndarray, at: np.ndarray, J: np.ndarray, n
   The result is written over C's own memory (C must be a :func:`_padded` array), in chunks
   of rows: first the rows that were not merged, in order, from C (a row of the result never
   lies beyond the rows of C that later chunks read, since ``keep`` is increasing and the
-  result's rows are shorter), then the merged rows, from ``new``. No large array is
-  allocated: a fresh one costs more in page faults here than the copying does.
+  result's rows are shorter), then the merged rows, from ``new``. No array of C's size is
+  allocated (why: docs/design.md, Greedy).
   """
   size = len(keep)
   out = _padded(size, C.dtype, C.base)

@@ -109,12 +109,15 @@ def _update_space(stats: FeatureStats, spec: spec_lib.Spec, name: str,
   contracting the samples (so with a batch sharded over devices every product is a
   per-device product plus one all-reduce):
   - spaces up to ``_BLOCKS_MAX_WIDTH`` wide: block by block, for models i <= j the product
-    of model i's and model j's features, the blocks below the diagonal being transposes.
-    That is N(N+1)/2 of the N^2 blocks' FLOPs (3/4 for two models); narrow products run far
-    below the CPU's matmul rate, so the FLOPs saved decide.
+    of model i's and model j's features, the blocks below the diagonal being transposes
+    (N(N+1)/2 of the N^2 blocks' FLOPs: 3/4 for two models);
   - wider spaces: one product of the features concatenated model by model (the centring
-    fuses into that copy); there, one large product ran faster than the three smaller ones.
-  (The measurements that set the threshold are in docs/design.md, statistics.)
+    fuses into that copy).
+
+  The measurements that set the threshold are in docs/design.md, Statistics.
+
+  Raises:
+    SpecError: a capture's last axis is not the space's width.
   """
   width = spec.width(name)
   parts = []  # per capture point, per model: (samples, width)
@@ -153,9 +156,9 @@ def _features(spec: spec_lib.Spec, models: Sequence[Any], x: Any) -> dict:
   one pass per model.
 
   Not vmapped over stacked models: vmap makes a grouped convolution of a conv over stacked
-  kernels, which XLA runs ~4x slower on the CPU than the N plain convolutions, and which its
-  SPMD partitioner does not split along a sharded batch (it gathers the whole batch onto
-  every device; openxla/xla#47945). The FLOPs are the same either way.
+  kernels, which XLA's SPMD partitioner does not split along a sharded batch (it gathers the
+  whole batch onto every device; openxla/xla#47945). The FLOPs are the same either way; the
+  CPU measurement is in docs/design.md, Statistics.
   """
   per_model = [spec.features(v, x) for v in models]
   return {n: [list(c) for c in zip(*(f[n] for f in per_model))] for n in per_model[0]}
@@ -256,16 +259,21 @@ def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iter
       single-device path).
     microbatch: cut every batch into parts of at most this many examples, one step each;
       None takes whole batches. The statistics do not depend on how the samples are batched
-      (up to float rounding), but the memory of a step does: on the CPU, a step whose working
-      memory exceeds what the allocator keeps for reuse (32 MiB with glibc) gets fresh pages
-      from the kernel on every call. "auto" (the default): whole batches on accelerators; on
-      the CPU, parts whose float32 features take at most 32 MiB a device (a power of two of
-      examples, see :func:`auto_microbatch`). Batches already placed across processes are
-      taken whole.
+      (up to float rounding); the memory a step takes does. "auto" (the default): whole
+      batches on accelerators; on the CPU, parts whose float32 features take at most
+      ``CPU_STEP_FEATURE_BYTES`` (32 MiB) a device (a power of two of examples, see
+      :func:`auto_microbatch`; the measurements behind the rule are in docs/design.md,
+      Statistics). Batches already placed across processes are taken whole.
 
-  Returns {space: FeatureStats} over the N * width concatenated channels, as arrays on one
-  device. Raises DataError if the data is empty or one-shot, or if any space's features are
-  not finite.
+  Returns:
+    {space: FeatureStats} over the N * width concatenated channels, as arrays on one device.
+
+  Raises:
+    DataError: the data is empty or one-shot, or a space's features are not finite.
+    SpecError: ``spaces`` names a space the spec does not have, or the model captures no
+      features for one.
+    ValueError: ``microbatch`` is not a positive int, "auto" or None.
+    TypeError: a spec is passed where the models go, or the reverse.
   """
   spec_lib.check_order(variables_list, spec, "compute_stats(variables_list, spec, data)")
   names = tuple(spaces if spaces is not None else spec.matched_spaces)
