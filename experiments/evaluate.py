@@ -283,10 +283,9 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> str:
-  """Writes every row (CSV), the mean ± std table (CSV and Markdown); returns the Markdown."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}_rows.csv"), "w", newline="") as f:
+def write_rows(rows: Sequence[Row], path: str) -> None:
+  """Writes every row as CSV (:func:`read_rows` reads it back)."""
+  with open(path, "w", newline="") as f:
     w = csv.writer(f)
     tasks = len(rows[0].per_task)
     w.writerow(["method", "pair", "joint", *[f"task{t}" for t in range(tasks)], "avg",
@@ -294,6 +293,23 @@ def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> 
     for r in rows:
       w.writerow([r.method, r.pair, f"{r.joint:.5f}", *[f"{a:.5f}" for a in r.per_task],
                   f"{r.task_avg:.5f}", f"{r.gflops:.6g}", f"{r.seconds:.3f}"])
+
+
+def read_rows(path: str) -> list[Row]:
+  """The rows :func:`write_rows` wrote (accuracies to 5 decimals)."""
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    tasks = sorted((k for k in reader.fieldnames if k.startswith("task")),
+                   key=lambda k: int(k[4:]))
+    return [Row(r["method"], int(r["pair"]), float(r["joint"]),
+                tuple(float(r[t]) for t in tasks), float(r["gflops"]), float(r["seconds"]))
+            for r in reader]
+
+
+def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> str:
+  """Writes every row (CSV), the mean ± std table (CSV and Markdown); returns the Markdown."""
+  os.makedirs(out_dir, exist_ok=True)
+  write_rows(rows, os.path.join(out_dir, f"{name}_rows.csv"))
   summary = summarise(rows)
   with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
     w = csv.writer(f)

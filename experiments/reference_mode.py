@@ -5,7 +5,8 @@ mode (``mode="official"``, the official ZipIt! merges): the matcher's alpha and 
 residual stream's features are taken (after every block, or once where its stage ends), and
 the matcher's budget rule. Each is merged fully and at every stop point of the config, on
 the pairs of ``--runs`` (their source models restored from ``--checkpoints``, or trained
-there), and written as ``reference_vs_default.{csv,md}`` (every method, mean ± std over
+there; each run's rows kept in ``reference_vs_default_runs/``, so that runs evaluated before
+are not evaluated again), and written as ``reference_vs_default.{csv,md}`` (every method, mean ± std over
 pairs) and ``reference_vs_default_avg.md`` (average per-task accuracy, variants by stop):
 
   python -m experiments.reference_mode --config cifar10_resnet20x1_clip --runs 0 \\
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   stops = config.merge.stop_points
   rows = run_lib.evaluate_runs(config, exp, [int(x) for x in args.runs.split(",")],
                                variant_methods(len(config.groups[0]), stops),
-                               checkpoints=args.checkpoints)
+                               checkpoints=args.checkpoints,
+                               done=os.path.join(args.out, "reference_vs_default_runs"))
   eval_lib.write_table(rows, args.out, name="reference_vs_default")
   avg = average_table(rows, stops)
   with open(os.path.join(args.out, "reference_vs_default_avg.md"), "w") as f:

@@ -201,13 +201,25 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
 
 def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: Sequence[int],
                   methods: Sequence[eval_lib.Method], *, checkpoints: str | None,
-                  progress: bool = True) -> list[eval_lib.Row]:
+                  progress: bool = True, done: str | None = None) -> list[eval_lib.Row]:
   """``methods`` on the first group of each of ``runs`` (its source models restored from
   ``checkpoints``, or trained there), pairs numbered in the order of ``runs``: the loop of
-  experiments that compare their own methods on a config's pairs."""
+  experiments that compare their own methods on a config's pairs.
+
+  ``done``: a folder where each run's rows are kept (``run{r}.csv``) once evaluated, and
+  taken from when they hold exactly ``methods``, so that an evaluation spans several
+  invocations as training does; delete a file to evaluate its run again.
+  """
   rows = []
   group = config.groups[0]
+  names = [m.name for m in methods]
   for pair, r in enumerate(runs):
+    path = None if done is None else os.path.join(done, f"run{r}.csv")
+    if path is not None and os.path.exists(path):
+      kept = eval_lib.read_rows(path)
+      if [row.method for row in kept] == names:
+        rows += [dataclasses.replace(row, pair=pair) for row in kept]
+        continue
     sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
     calibration, test = group_data(config, exp, r, group)
     tasks, columns = group_tasks(config, exp, r, group)
@@ -216,6 +228,9 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
         test=test, methods=methods, class_embeddings=exp.class_embeddings,
         logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
         progress=progress)
+    if path is not None:
+      os.makedirs(done, exist_ok=True)
+      eval_lib.write_rows(rows[-len(methods):], path)
   return rows
 
 

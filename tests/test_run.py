@@ -110,7 +110,7 @@ def test_runner_merges_models_trained_on_different_datasets(tmp_path):
   assert "| ZipIt! (full) |" in md
 
 
-def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys):
+def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, monkeypatch):
   args = ["--set", "train.epochs=1", "--set", "num_runs=1", "--set", "model.width=0.25",
           "--set", "model.num_outputs=16", "--set", "calibration.num_images=64",
           "--out", str(tmp_path), "--quiet"]
@@ -128,3 +128,23 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys):
                                checkpoints=str(tmp_path / "checkpoints"), progress=False)
   assert [(r.method, r.pair) for r in rows] == [("Model A", 0), ("ZipIt!", 0)]
   assert all(0.0 <= r.joint <= 1.0 for r in rows)
+
+  # With ``done``, an evaluated run is kept and not evaluated again, unless its methods differ.
+  done = str(tmp_path / "done")
+  checkpoints = str(tmp_path / "checkpoints")
+  first = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=checkpoints,
+                                progress=False, done=done)
+  assert os.listdir(done) == ["run0.csv"]
+  monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
+  again = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints="/nonexistent",
+                                progress=False, done=done)
+  assert [(r.method, r.pair) for r in again] == [(r.method, r.pair) for r in first]
+  for a, b in zip(again, first):
+    np.testing.assert_allclose([a.joint, *a.per_task], [b.joint, *b.per_task], atol=1e-5)
+  with pytest.raises(AssertionError, match="evaluated again"):
+    run_lib.evaluate_runs(config, exp, [0], methods[:1], checkpoints=checkpoints,
+                          progress=False, done=done)
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("evaluated again")
