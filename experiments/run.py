@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -160,13 +161,14 @@ class _OffsetBatches:
 
 
 def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
-        progress: bool = True, checkpoints: str | None = None, train_only: bool = False
-        ) -> tuple[list[eval_lib.Row], str]:
+        progress: bool = True, checkpoints: str | None = None, train_only: bool = False,
+        done: str | None = None) -> tuple[list[eval_lib.Row], str]:
   """Runs ``config``; returns every row and the Markdown table (also written to out_dir).
 
   Source models are checkpointed in ``checkpoints`` (default ``out_dir/checkpoints``).
   ``train_only`` trains (or restores) every run's source models first and stops there: no
-  merge, no table (the rows are empty and the table is ``""``).
+  merge, no table (the rows are empty and the table is ``""``). ``done``: keep each run's
+  rows there and take them from there, as :func:`evaluate_runs` does.
   """
   exp = prepare(config)
   out_dir = out_dir or config.output_dir
@@ -180,15 +182,21 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
     return [], ""
   pair = 0
   for r in range(config.num_runs):
-    sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
-    for group in config.groups:
-      calibration, test = group_data(config, exp, r, group)
-      group_task_classes, columns = group_tasks(config, exp, r, group)
-      rows += eval_lib.evaluate_methods(
-          spec, [sources[t] for t in group], tasks=group_task_classes,
-          calibration=calibration, test=test, methods=methods_for(config, len(group)),
-          class_embeddings=emb, logit_scale=config.train.logit_scale, task_columns=columns,
-          pair=pair, progress=progress)
+    sources = None
+    for g, group in enumerate(config.groups):
+      methods = methods_for(config, len(group))
+      kept = _kept_rows(done, config, r, g, methods, pair)
+      if kept is None:
+        if sources is None:
+          sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
+        calibration, test = group_data(config, exp, r, group)
+        group_task_classes, columns = group_tasks(config, exp, r, group)
+        kept = _keep_rows(done, config, r, g, methods, eval_lib.evaluate_methods(
+            spec, [sources[t] for t in group], tasks=group_task_classes,
+            calibration=calibration, test=test, methods=methods, class_embeddings=emb,
+            logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
+            progress=progress))
+      rows += kept
       pair += 1
   md = eval_lib.write_table(rows, out_dir)
   if any(r.method.startswith("ZipIt! (partial") for r in rows):
@@ -206,31 +214,55 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
   ``checkpoints``, or trained there), pairs numbered in the order of ``runs``: the loop of
   experiments that compare their own methods on a config's pairs.
 
-  ``done``: a folder where each run's rows are kept (``run{r}.csv``) once evaluated, and
-  taken from when they hold exactly ``methods``, so that an evaluation spans several
-  invocations as training does; delete a file to evaluate its run again.
+  ``done``: a folder where each run's rows are kept once evaluated, and taken from by a later
+  call with the same config and methods, so that an evaluation spans several invocations as
+  training does; delete a file to evaluate its run again.
   """
   rows = []
   group = config.groups[0]
-  names = [m.name for m in methods]
   for pair, r in enumerate(runs):
-    path = None if done is None else os.path.join(done, f"run{r}.csv")
-    if path is not None and os.path.exists(path):
-      kept = eval_lib.read_rows(path)
-      if [row.method for row in kept] == names:
-        rows += [dataclasses.replace(row, pair=pair) for row in kept]
-        continue
+    kept = _kept_rows(done, config, r, 0, methods, pair)
+    if kept is not None:
+      rows += kept
+      continue
     sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
     calibration, test = group_data(config, exp, r, group)
     tasks, columns = group_tasks(config, exp, r, group)
-    rows += eval_lib.evaluate_methods(
+    rows += _keep_rows(done, config, r, 0, methods, eval_lib.evaluate_methods(
         exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
         test=test, methods=methods, class_embeddings=exp.class_embeddings,
         logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
-        progress=progress)
-    if path is not None:
-      os.makedirs(done, exist_ok=True)
-      eval_lib.write_rows(rows[-len(methods):], path)
+        progress=progress))
+  return rows
+
+
+def _rows_path(done: str, config, run_index: int, group: int, methods) -> str:
+  """Where a run's group's rows are kept: named by a digest of the config and the methods,
+  so that rows of another config or other methods are never taken."""
+  def described(method):  # functions by their names, which say their options
+    return {k: getattr(v, "__name__", v) if callable(v) else v
+            for k, v in dataclasses.asdict(method).items()}
+  key = json.dumps([_jsonable(config), [described(m) for m in methods]], sort_keys=True,
+                   default=str)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+  return os.path.join(done, f"run{run_index}_group{group}_{digest}.csv")
+
+
+def _kept_rows(done, config, run_index, group, methods, pair):
+  """The kept rows of a run's group (renumbered as ``pair``), or None."""
+  if done is None:
+    return None
+  path = _rows_path(done, config, run_index, group, methods)
+  if not os.path.exists(path):
+    return None
+  print(f"run {run_index}: rows kept in {path} (delete it to evaluate again)")
+  return [dataclasses.replace(row, pair=pair) for row in eval_lib.read_rows(path)]
+
+
+def _keep_rows(done, config, run_index, group, methods, rows):
+  if done is not None:
+    os.makedirs(done, exist_ok=True)
+    eval_lib.write_rows(rows, _rows_path(done, config, run_index, group, methods))
   return rows
 
 
@@ -258,11 +290,15 @@ def main(argv: Sequence[str] | None = None, *, default: str = "digits_default") 
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   parser.add_argument("--train-only", action="store_true",
                       help="train (or resume) every run's source models, then stop")
+  parser.add_argument("--keep-evaluated", default=None, metavar="DIR",
+                      help="keep each run's rows in DIR, and take the rows of runs evaluated "
+                           "before with the same config from there")
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   start = time.perf_counter()
   _, md = run(config, out_dir=args.out, progress=not args.quiet,
-              checkpoints=args.checkpoints, train_only=args.train_only)
+              checkpoints=args.checkpoints, train_only=args.train_only,
+              done=args.keep_evaluated)
   out = args.out or config.output_dir
   if args.train_only:
     print(f"\n{config.name}: the source models of {config.num_runs} run(s) are trained, "

@@ -134,15 +134,20 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
   checkpoints = str(tmp_path / "checkpoints")
   first = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=checkpoints,
                                 progress=False, done=done)
-  assert os.listdir(done) == ["run0.csv"]
+  (kept,) = os.listdir(done)
+  assert kept.startswith("run0_group0_") and kept.endswith(".csv")
   monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
   again = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints="/nonexistent",
                                 progress=False, done=done)
   assert [(r.method, r.pair) for r in again] == [(r.method, r.pair) for r in first]
   for a, b in zip(again, first):
     np.testing.assert_allclose([a.joint, *a.per_task], [b.joint, *b.per_task], atol=1e-5)
-  with pytest.raises(AssertionError, match="evaluated again"):
+  with pytest.raises(AssertionError, match="evaluated again"):  # other methods
     run_lib.evaluate_runs(config, exp, [0], methods[:1], checkpoints=checkpoints,
+                          progress=False, done=done)
+  other = configs.override(config, "calibration.num_images=32")
+  with pytest.raises(AssertionError, match="evaluated again"):  # another config
+    run_lib.evaluate_runs(other, run_lib.prepare(other), [0], methods, checkpoints=checkpoints,
                           progress=False, done=done)
 
 
