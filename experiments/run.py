@@ -242,8 +242,10 @@ def _rows_path(done: str, config, run_index: int, group: int, methods) -> str:
   def described(method):  # functions by their names, which say their options
     return {k: getattr(v, "__name__", v) if callable(v) else v
             for k, v in dataclasses.asdict(method).items()}
-  key = json.dumps([_jsonable(config), [described(m) for m in methods]], sort_keys=True,
-                   default=str)
+  # A run's rows do not depend on how many runs there are: a table of 3 pairs takes those
+  # of a table of 2.
+  settings = {k: v for k, v in _jsonable(config).items() if k != "num_runs"}
+  key = json.dumps([settings, [described(m) for m in methods]], sort_keys=True, default=str)
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   return os.path.join(done, f"run{run_index}_group{group}_{digest}.csv")
 
