@@ -239,15 +239,20 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
 def _rows_path(done: str, config, run_index: int, group: int, methods) -> str:
   """Where a run's group's rows are kept: named by a digest of the config and the methods,
   so that rows of another config or other methods are never taken."""
-  def described(method):  # functions by their names, which say their options
-    return {k: getattr(v, "__name__", v) if callable(v) else v
-            for k, v in dataclasses.asdict(method).items()}
+  def described(method):  # matchers by their names, which say their options
+    return {f.name: _name_of(getattr(method, f.name)) for f in dataclasses.fields(method)}
   # A run's rows do not depend on how many runs there are: a table of 3 pairs takes those
   # of a table of 2.
   settings = {k: v for k, v in _jsonable(config).items() if k != "num_runs"}
   key = json.dumps([settings, [described(m) for m in methods]], sort_keys=True, default=str)
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   return os.path.join(done, f"run{run_index}_group{group}_{digest}.csv")
+
+
+def _name_of(value):
+  if not callable(value):
+    return value
+  return getattr(value, "__name__", None) or getattr(value, "name", None) or repr(value)
 
 
 def _kept_rows(done, config, run_index, group, methods, pair):
