@@ -90,6 +90,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # ~40 s: a virtual environment, pip, and a zip in a fresh process
 def test_wheel_installs_into_a_fresh_environment_and_zips(dist, tmp_path):
   python = _fresh_env(tmp_path / "env")
   env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},

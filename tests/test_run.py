@@ -124,16 +124,14 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
   exp = run_lib.prepare(config)
   methods = [eval_lib.Method("Model A", "source"),
              eval_lib.Method("ZipIt!", "merge", zipjax.match.greedy())]
-  rows = run_lib.evaluate_runs(config, exp, [0], methods,
-                               checkpoints=str(tmp_path / "checkpoints"), progress=False)
-  assert [(r.method, r.pair) for r in rows] == [("Model A", 0), ("ZipIt!", 0)]
-  assert all(0.0 <= r.joint <= 1.0 for r in rows)
-
-  # With ``done``, an evaluated run is kept and not evaluated again, unless its methods differ.
+  # With ``done``, an evaluated run is kept and not evaluated again, unless its methods or
+  # its config differ.
   done = str(tmp_path / "done")
   checkpoints = str(tmp_path / "checkpoints")
   first = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=checkpoints,
                                 progress=False, done=done)
+  assert [(r.method, r.pair) for r in first] == [("Model A", 0), ("ZipIt!", 0)]
+  assert all(0.0 <= r.joint <= 1.0 for r in first)
   (kept,) = os.listdir(done)
   assert kept.startswith("run0_group0_") and kept.endswith(".csv")
   monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
