@@ -134,6 +134,46 @@ def test_train_checkpointer_round_trips_optimiser_state(tmp_path):
   assert record["epoch"] == 1
 
 
+def _largest_file(directory) -> int:
+  return max(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(directory) for f in files)
+
+
+def test_checkpoints_are_written_in_files_of_bounded_size(monkeypatch, tmp_path):
+  """A state several times the target size is split over several data files, none over twice
+  the target (a file is closed once it passes the target, and each chunk is at most the
+  target), and restores exactly; the target is patched small so that the test writes little."""
+  monkeypatch.setattr(ckpt_lib, "DATA_FILE_BYTES", 64 << 10)
+  state = {"w": np.random.default_rng(0).normal(size=(4, 96, 128)).astype(np.float32),  # 192 KiB
+           "b": np.arange(5, dtype=np.int32)}
+  with ckpt_lib.TrainCheckpointer(tmp_path / "train") as ckpt:
+    ckpt.save(1, state, {"epoch": 1})
+  ckpt_lib.save_variables(tmp_path / "model", state)
+  for where in ("train", "model"):
+    data = glob.glob(str(tmp_path / where / "**" / "ocdbt.process_0" / "d" / "*"), recursive=True)
+    assert len(data) >= 2, where
+    assert _largest_file(tmp_path / where) <= 2 * (64 << 10), where
+  with ckpt_lib.TrainCheckpointer(tmp_path / "train") as ckpt:
+    restored, _ = ckpt.restore(jax.tree.map(np.zeros_like, state))
+  _assert_trees_equal(restored, state)
+  _assert_trees_equal(ckpt_lib.load_variables(tmp_path / "model")[0], state)
+
+
+def test_checkpoints_written_in_one_data_file_still_restore(tmp_path):
+  """Checkpoints saved before the data files were bounded (orbax's standard handler)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  state = _state()
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(tmp_path, options=options, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}) as m:
+    m.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(
+        {"epoch": 3, "arrays": ckpt_lib._shapes_to_json(ckpt_lib._shapes(state))})))
+  with ckpt_lib.TrainCheckpointer(tmp_path) as ckpt:
+    restored, record = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+  _assert_trees_equal(restored, state)
+  assert record["epoch"] == 3
+
+
 _SAVE_REPLICATED_IN_CHILD = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
