@@ -10,6 +10,9 @@ Markdown table and writes ``results.json`` and ``results.md`` (default: runs/ben
 - ``batchnorm``: BatchNorm reset vs train-mode forward passes.
 - ``zip_stages``: ``zipjax.zip`` stage by stage vs forward passes.
 - ``zip_memory``: peak memory of ``zipjax.zip`` vs the bytes of the models and statistics.
+- ``official_zip``: the whole zip of two ResNet-20s in zipjax's reference mode vs the official
+  PyTorch code (gstoica27/ZipIt), each in a fresh process; needs torch and a checkout named by
+  ``ZIPIT_OFFICIAL``.
 """
 
 from .suite import BENCHMARKS
