@@ -91,7 +91,7 @@ def _official_pipeline(models, spec, data, *, stop_at=None):
   models = [zipjax.reset_batchnorm(m, spec, data, statistics="pytorch") for m in models]
   stats = zipjax.compute_stats(models, spec, data)
   merges = zipjax.compute_merges(stats, num_models=len(models), matcher=match.official())
-  merged = zipjax.apply_merges(models, spec, merges, stop_at=stop_at)
+  merged = zipjax.apply_merges(models, spec, merges, stop_at=stop_at, batchnorm="leaves")
   return zipjax.reset_batchnorm(merged, spec, data, statistics="pytorch")
 
 

@@ -194,10 +194,13 @@ def _soft_merge(width, num_models, seed):
   return match.DenseMerge(M / M.sum(1, keepdims=True), U)
 
 
-def _numpy_zip(spec, variables_list, merges):
+def _numpy_zip(spec, variables_list, merges, batchnorm="affine"):
+  """Every leaf merged by its axes' M and U in float64; BatchNorm layers as their affine maps
+  a x + c, or (``batchnorm="leaves"``) each of their leaves like any other."""
+  affine = spec.batchnorm_layers() if batchnorm == "affine" else ()
   flats = [{p: np.asarray(x, np.float64) for p, x in spec_lib.flatten(v).items()}
            for v in variables_list]
-  for bn in spec.batchnorm_layers():  # the affine map a x + c in place of scale and bias
+  for bn in affine:  # the affine map a x + c in place of scale and bias
     for f in flats:
       a = f[bn.scale] / np.sqrt(f[bn.var] + 1e-5)
       f[bn.scale], f[bn.bias] = a, f[bn.bias] - a * f[bn.mean]
@@ -212,7 +215,7 @@ def _numpy_zip(spec, variables_list, merges):
                                              np.moveaxis(x[m], axis, 0), axes=(1, 0)), 0, axis)
                     for m in range(len(flats))])
     out[path] = x.sum(0) if any(a.role != "in" for a in axes.values()) else x.mean(0)
-  for bn in spec.batchnorm_layers():
+  for bn in affine:
     a = out[bn.scale]
     out[bn.scale] = a * np.sqrt(out[bn.var] + 1e-5)
     out[bn.bias] = out[bn.bias] + a * out[bn.mean]
@@ -262,6 +265,28 @@ def test_apply_merges_equals_numpy_reference(name, num_models, kind, kernel):
   for path in want:
     np.testing.assert_allclose(got[path], want[path], rtol=2e-5, atol=2e-6 * np.abs(
         want[path]).max(), err_msg=spec_lib.fmt_path(path))
+
+
+@pytest.mark.parametrize("kernel", ["segment_sum", "einsum"])
+@pytest.mark.parametrize("kind", ["greedy", "soft"])
+def test_apply_merges_batchnorm_leaves_equals_numpy_reference(kind, kernel):
+  """batchnorm="leaves" (the official code's merge): scale, bias, mean and variance each
+  merged with M, like any leaf that writes the space."""
+  spec, variables, _ = zoo.make("resnet20")
+  variables = [_with_trained_batchnorm(spec, v, m) for m, v in enumerate(variables)]
+  merges = _merges(spec, 2, kind)
+  got = spec_lib.flatten(zipjax.apply_merges(variables, spec, merges, kernel=kernel,
+                                             batchnorm="leaves"))
+  want = _numpy_zip(spec, variables, merges, batchnorm="leaves")
+  affine = _numpy_zip(spec, variables, merges)
+  bn = spec.batchnorm_layers()[0]
+  assert not np.allclose(want[bn.scale], affine[bn.scale], rtol=1e-3)  # the two differ
+  assert got.keys() == want.keys()
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=2e-5, atol=2e-6 * np.abs(
+        want[path]).max(), err_msg=spec_lib.fmt_path(path))
+  with pytest.raises(ValueError, match="batchnorm must be one of"):
+    zipjax.apply_merges(variables, spec, merges, batchnorm="official")
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)

@@ -38,6 +38,9 @@ from zipjax._src.multihead import MultiHead
 
 _HI = lax.Precision.HIGHEST
 KERNELS = ("auto", "einsum", "segment_sum")
+#: How BatchNorm layers are merged (``apply_merges(..., batchnorm=)``): as their affine maps,
+#: or each of their four leaves by itself, as the official ZipIt! code does.
+BATCHNORM_MERGES = ("affine", "leaves")
 
 
 def _segment_sum(parts: Sequence[tuple[jax.Array, jax.Array]], axis: int, n: int) -> jax.Array:
@@ -159,14 +162,16 @@ def _merge_batchnorm(xs: Sequence[Sequence[jax.Array]], axis: int, merge: Merge,
 
 
 def _units(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Mapping],
-           merges: Mapping[str, Merge]) -> dict[tuple, list[tuple[tuple, tuple]]]:
+           merges: Mapping[str, Merge], batchnorm: str = "affine"
+           ) -> dict[tuple, list[tuple[tuple, tuple]]]:
   """The leaves to merge as units (a leaf, or a BatchNorm layer's four leaves), grouped by
   signature (kind, shape, dtype, roles, widths, merge types): {signature: [(the unit's leaf
   paths, the spaces of its merged axes)]}. Kinds: "batchnorm", "leaf" (a trunk leaf: all
-  leaves in a full zip) and "head" (a leaf past a partial zip's stop, kept per model)."""
+  leaves in a full zip) and "head" (a leaf past a partial zip's stop, kept per model).
+  With ``batchnorm="leaves"`` a BatchNorm layer's leaves are units of their own."""
   units: dict[tuple, list] = collections.defaultdict(list)
   done = set()
-  for bn in spec.batchnorm_layers(trunk):
+  for bn in spec.batchnorm_layers(trunk) if batchnorm == "affine" else ():
     leaf = flats[0][bn.var]
     axis = next(iter(spec.leaf_axes(bn.var, leaf.ndim)))
     paths = (bn.scale, bn.bias, bn.mean, bn.var)
@@ -219,11 +224,12 @@ def merge_program(signature: tuple, kernel: str, units: Sequence, merges: Sequen
 
 
 def merge_flats(spec: spec_lib.Spec, trunk: frozenset | None, flats: Sequence[Mapping],
-                merges: Mapping[str, Merge], kernel: str) -> tuple[dict, list[jax.Array]]:
+                merges: Mapping[str, Merge], kernel: str, batchnorm: str = "affine"
+                ) -> tuple[dict, list[jax.Array]]:
   """The merged leaves {path: array} of the models' flat variables, and each program's flag
   that its result is finite (see :func:`merge_program`)."""
   leaves, finite = {}, []
-  for signature, units in _units(spec, trunk, flats, merges).items():
+  for signature, units in _units(spec, trunk, flats, merges, batchnorm).items():
     merged, ok = merge_program(signature, kernel, [[[f[p] for p in paths] for f in flats]
                                                    for paths, _ in units],
                                [[merges[s] for s in spaces] for _, spaces in units])
@@ -274,7 +280,7 @@ def resolve_kernel(kernel: str) -> str:
 
 def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
                  merges: Mapping[str, Merge], *, stop_at: str | None = None,
-                 kernel: str = "auto") -> dict | MultiHead:
+                 kernel: str = "auto", batchnorm: str = "affine") -> dict | MultiHead:
   """Zips N models' variables with one merge per space.
 
   Arguments:
@@ -284,6 +290,11 @@ def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
     stop_at: a partial zip: only the spaces up to this stop point are merged.
     kernel: "auto", "einsum" or "segment_sum" (see the module docstring); the result is the
       same up to float rounding.
+    batchnorm: "affine" (default): each BatchNorm layer merged as its per-feature affine map
+      (see :func:`_merge_batchnorm`; a self-merge or a permuted copy comes back exactly,
+      with or without a BatchNorm reset). "leaves": its scale, bias, mean and variance each
+      merged with M like any leaf, as the official ZipIt! code does (``zip(...,
+      mode="official")``); a merged model then needs a BatchNorm reset to be of use.
 
   Returns:
     The merged variables, with the inputs' tree structure, shapes and dtypes (a full zip), or
@@ -294,6 +305,8 @@ def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
     of models, or non-finite values in a model.
   """
   spec_lib.check_order(variables_list, spec, "apply_merges(variables_list, spec, merges)")
+  if batchnorm not in BATCHNORM_MERGES:
+    raise ValueError(f"batchnorm must be one of {BATCHNORM_MERGES}, got {batchnorm!r}.")
   flats = spec_lib.check_models(spec, variables_list, finite=False)
   needed = spec.space_names if stop_at is None else spec.trunk_spaces(stop_at)
   missing = [s for s in needed if s not in merges and not spec.space(s).parts]
@@ -317,7 +330,7 @@ def apply_merges(variables_list: Sequence[Any], spec: spec_lib.Spec,
                           paired=spec.space(name).heads is not None)
   merges = spec.composed(merges, needed)
   trunk = None if stop_at is None else frozenset(needed)
-  leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel))
+  leaves, finite = merge_flats(spec, trunk, flats, merges, resolve_kernel(kernel), batchnorm)
   if not all(jax.device_get(finite)):
     for m, flat in enumerate(flats):  # the exact check, only on this rare path
       spec_lib.check_finite(flat, label=f"Model {m}")

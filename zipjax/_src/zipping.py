@@ -123,7 +123,8 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
                                     mesh=mesh, microbatch=microbatch)
     merges = compute_merges(stats, num_models=len(models), matcher=matcher, spec=spec,
                             progress=progress)
-  merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at)
+  merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at,
+                                  batchnorm="leaves" if official else "affine")
   if reset_bn:
     merged = bn_lib.reset_batchnorm(merged, spec, data, statistics=statistics,
                                     progress=progress, mesh=mesh)
@@ -185,9 +186,10 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
       every space's features are taken where it is last captured (a residual stream where
       its stage ends, not after every block: :func:`zipjax.spec.last_captures`), matched by
       ``zipjax.match.official()`` (its budget rule and epsilons, quirks included; the default
-      matcher here, and the only kind accepted), and with ``reset_bn`` the source models are
-      reset on ``data`` first and every reset is PyTorch's (each batch weighing the same,
-      unbiased variance). The docs' departure table says where and why the default differs.
+      matcher here, and the only kind accepted), each BatchNorm layer's scale, bias, mean and
+      variance merged by themselves (``apply_merges(..., batchnorm="leaves")``), and with
+      ``reset_bn`` the source models are reset on ``data`` first and every reset is PyTorch's
+      (each batch weighing the same, unbiased variance). The docs' departure table says where and why the default differs.
 
   Returns:
     A full zip: merged variables with the structure, shapes and dtypes of ``model_a`` (an NNX
