@@ -184,19 +184,18 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
   for r in range(config.num_runs):
     sources = None
     for g, group in enumerate(config.groups):
-      methods = methods_for(config, len(group))
-      kept = _kept_rows(done, config, r, g, methods, pair)
-      if kept is None:
+      def evaluate(methods, r=r, g=g, group=group, pair=pair):
+        nonlocal sources
         if sources is None:
           sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
         calibration, test = group_data(config, exp, r, group)
         group_task_classes, columns = group_tasks(config, exp, r, group)
-        kept = _keep_rows(done, config, r, g, methods, eval_lib.evaluate_methods(
+        return eval_lib.evaluate_methods(
             spec, [sources[t] for t in group], tasks=group_task_classes,
             calibration=calibration, test=test, methods=methods, class_embeddings=emb,
             logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
-            progress=progress))
-      rows += kept
+            progress=progress)
+      rows += _rows_of(done, config, r, g, methods_for(config, len(group)), pair, evaluate)
       pair += 1
   md = eval_lib.write_table(rows, out_dir)
   if any(r.method.startswith("ZipIt! (partial") for r in rows):
@@ -216,23 +215,22 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
 
   ``done``: a folder where each run's rows are kept once evaluated, and taken from by a later
   call with the same config and methods, so that an evaluation spans several invocations as
-  training does; delete a file to evaluate its run again.
+  training does; delete a file to evaluate its run again, or a method's line of it to
+  evaluate that method again (alone) and keep the others.
   """
   rows = []
   group = config.groups[0]
   for pair, r in enumerate(runs):
-    kept = _kept_rows(done, config, r, 0, methods, pair)
-    if kept is not None:
-      rows += kept
-      continue
-    sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
-    calibration, test = group_data(config, exp, r, group)
-    tasks, columns = group_tasks(config, exp, r, group)
-    rows += _keep_rows(done, config, r, 0, methods, eval_lib.evaluate_methods(
-        exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
-        test=test, methods=methods, class_embeddings=exp.class_embeddings,
-        logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
-        progress=progress))
+    def evaluate(todo, r=r, pair=pair):
+      sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
+      calibration, test = group_data(config, exp, r, group)
+      tasks, columns = group_tasks(config, exp, r, group)
+      return eval_lib.evaluate_methods(
+          exp.spec, [sources[t] for t in group], tasks=tasks, calibration=calibration,
+          test=test, methods=todo, class_embeddings=exp.class_embeddings,
+          logit_scale=config.train.logit_scale, task_columns=columns, pair=pair,
+          progress=progress)
+    rows += _rows_of(done, config, r, 0, methods, pair, evaluate)
   return rows
 
 
@@ -255,22 +253,25 @@ def _name_of(value):
   return getattr(value, "__name__", None) or getattr(value, "name", None) or repr(value)
 
 
-def _kept_rows(done, config, run_index, group, methods, pair):
-  """The kept rows of a run's group (renumbered as ``pair``), or None."""
+def _rows_of(done, config, run_index, group, methods, pair, evaluate) -> list[eval_lib.Row]:
+  """A run's group's rows, one per method in the order of ``methods``: those kept in ``done``
+  (renumbered as ``pair``), the others from ``evaluate(missing methods)``, then all kept."""
   if done is None:
-    return None
+    return evaluate(methods)
   path = _rows_path(done, config, run_index, group, methods)
-  if not os.path.exists(path):
-    return None
-  print(f"run {run_index}: rows kept in {path} (delete it to evaluate again)")
-  return [dataclasses.replace(row, pair=pair) for row in eval_lib.read_rows(path)]
-
-
-def _keep_rows(done, config, run_index, group, methods, rows):
-  if done is not None:
+  kept = {}
+  if os.path.exists(path):
+    kept = {row.method: dataclasses.replace(row, pair=pair) for row in eval_lib.read_rows(path)}
+  missing = [m for m in methods if m.name not in kept]
+  if kept:
+    print(f"run {run_index}: rows kept in {path}"
+          + (f"; evaluating {[m.name for m in missing]}" if missing else "")
+          + " (delete the file, or a method's line, to evaluate it again)")
+  if missing:
+    kept.update((row.method, row) for row in evaluate(missing))
     os.makedirs(done, exist_ok=True)
-    eval_lib.write_rows(rows, _rows_path(done, config, run_index, group, methods))
-  return rows
+    eval_lib.write_rows([kept[m.name] for m in methods], path)
+  return [kept[m.name] for m in methods]
 
 
 def merged_groups(config: configs_lib.ExperimentConfig) -> str:

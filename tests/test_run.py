@@ -134,12 +134,30 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
   assert all(0.0 <= r.joint <= 1.0 for r in first)
   (kept,) = os.listdir(done)
   assert kept.startswith("run0_group0_") and kept.endswith(".csv")
+  real_evaluate = eval_lib.evaluate_methods
   monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
   again = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints="/nonexistent",
                                 progress=False, done=done)
   assert [(r.method, r.pair) for r in again] == [(r.method, r.pair) for r in first]
   for a, b in zip(again, first):
     np.testing.assert_allclose([a.joint, *a.per_task], [b.joint, *b.per_task], atol=1e-5)
+  # A method's line deleted (its merge changed in the library): that method alone is
+  # evaluated again, to the same figures, and the file is whole again.
+  path = os.path.join(done, kept)
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, "w") as f:
+    f.writelines(line for line in lines if not line.startswith("ZipIt!,"))
+  evaluated = []
+  monkeypatch.setattr(eval_lib, "evaluate_methods", lambda *a, methods, **k: (
+      evaluated.append([m.name for m in methods]), real_evaluate(*a, methods=methods, **k))[1])
+  redone = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=checkpoints,
+                                 progress=False, done=done)
+  assert evaluated == [["ZipIt!"]]
+  assert [r.method for r in redone] == [r.method for r in eval_lib.read_rows(path)] == [
+      "Model A", "ZipIt!"]
+  np.testing.assert_allclose(redone[1].joint, first[1].joint, atol=1e-5)
+  monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
   with pytest.raises(AssertionError, match="evaluated again"):  # other methods
     run_lib.evaluate_runs(config, exp, [0], methods[:1], checkpoints=checkpoints,
                           progress=False, done=done)
