@@ -21,10 +21,9 @@ the largest difference of their logits on a held-out batch, relative to the larg
 logit (and the share of equal predictions); the source models' logits are compared the same
 way (the conversion), and the merged variables group by group (the official state dict
 converted): kernels (convolutions and the head: the merges), BatchNorm scale and bias, and
-BatchNorm statistics. zipjax merges a BatchNorm layer as its affine map y = a x + c (a =
-scale / sqrt(var + eps), c = bias - a mean; docs/design.md, "Applying merges"), the official
-code its weight and bias like any vector, so the BatchNorm scales and biases, and with them
-the logits, differ where the kernels agree.
+BatchNorm statistics. In the reference mode both merge a BatchNorm layer's weight, bias and
+statistics like any vector (zipjax's default merges its affine map instead), so the merged
+models agree to float rounding.
 
 Needs torch (a CPU build is enough) and the official code's own imports (scikit-learn,
 networkx, scipy, fvcore, matplotlib, einops, pyyaml, tqdm) in the Python that runs the suite,
