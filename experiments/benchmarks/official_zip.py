@@ -342,7 +342,8 @@ def run(scale: str, *, progress: bool = False) -> common.Result:
   if reason:
     rows = [_not_run(s, reason) for s in SETTINGS[scale]]
     return common.Result(rows, summary={"not_run": reason}, remarks=[f"{NAME}: {reason}"])
-  rows, summary = [], {"checkout": os.path.abspath(checkout), "cases": []}
+  # The checkout's folder name only: results are shared, paths on one machine mean nothing.
+  rows, summary = [], {"checkout": os.path.basename(os.path.normpath(checkout)), "cases": []}
   for s in SETTINGS[scale]:
     with tempfile.TemporaryDirectory(prefix="official_zip_") as tmp:
       rng = np.random.default_rng(s.seed)
