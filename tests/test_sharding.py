@@ -81,8 +81,14 @@ def _worker() -> dict:
   out["auto_part_sizes"] = sizes
   out["stats_m2_auto"] = max(_max_rel_diff(s1[n].m2, s8_auto[n].m2) for n in s1)
 
-  b1 = zipjax.reset_batchnorm(va, spec, data, mesh=one)
-  b8 = zipjax.reset_batchnorm(va, spec, data)
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    b1 = zipjax.reset_batchnorm(va, spec, data, mesh=one)
+    out["bn_one_device_warnings"] = len(caught)
+    b8 = zipjax.reset_batchnorm(va, spec, data)  # the batch of 12 is computed whole
+  out["bn_uneven_warnings"] = [str(w.message) for w in caught]
+  warnings.filterwarnings("ignore", message="BatchNorm reset: a batch of 12")  # checked above
   out["bn"] = _max_rel_diff(b1["batch_stats"], b8["batch_stats"])
   out["bn_changed"] = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(
       jax.tree_util.tree_leaves(va["batch_stats"]), jax.tree_util.tree_leaves(b8["batch_stats"])))
@@ -113,7 +119,7 @@ def _worker() -> dict:
     sums = {p: np.zeros(np.shape(v), np.float32) for p, v in spec_lib.flatten(variables).items()
             if p[0] == "batch_stats"}
     return _hlo_collectives(bn_lib._accumulate.lower(  # pylint: disable=protected-access
-        spec, stacked, rep, sharding_lib.replicate(sums, mesh),
+        spec, stacked, rep, False, sharding_lib.replicate(sums, mesh),
         sharding_lib.replicate(variables, mesh), x, np.float32(16)).compile().as_text())
 
   out["hlo_bn"] = bn_hlo(frozenset(), va)
@@ -164,6 +170,11 @@ def test_auto_microbatch_takes_a_multiple_of_the_devices(results):
 @pytest.mark.slow  # the 8-device worker: ~60 s
 def test_batchnorm_reset_agrees(results):
   assert results["bn"] < RTOL
+  # The uneven batch of 12 on 8 devices: said once, with the fix; nothing on one device.
+  assert results["bn_one_device_warnings"] == 0
+  (warning,) = results["bn_uneven_warnings"]
+  assert "batch of 12 examples is not a multiple of the mesh's 8 devices" in warning
+  assert "multiple of 8" in warning
   assert results["bn_changed"] > 1e-3  # the reset did something
 
 

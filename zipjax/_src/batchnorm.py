@@ -15,6 +15,7 @@ with the statistics of the whole batch, as on one device (see ``zipjax._src.shar
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Iterable
 
 import jax
@@ -191,9 +192,21 @@ def _reset(spec, variables, one_model, stacked, data, unbiased, progress, mesh) 
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, desc="BatchNorm reset", leave=False)
+  warned = False
   for x in batches:
     weight = 1 if unbiased else sharding_lib.batch_size(x)
     if mesh is not None:
+      shards = sharding_lib.num_shards(mesh)
+      if (not warned and not sharding_lib.is_global(x)
+          and sharding_lib.batch_size(x) % shards):
+        warned = True
+        warnings.warn(
+            f"BatchNorm reset: a batch of {sharding_lib.batch_size(x)} examples is not a "
+            f"multiple of the mesh's {shards} devices, so every device computes all of it (a "
+            "batch's statistics depend on all of its examples, and padding would change "
+            "them): no faster than one device, and on simulated CPU devices, which share the "
+            f"cores, about {shards} times the work. Use batches whose size is a multiple of "
+            f"{shards}, or pass mesh= a Mesh of one device.", stacklevel=3)
       x = sharding_lib.place_batch(x, mesh)
     sums = _accumulate(spec, stacked, out_sharding, unbiased, sums, variables, x,
                        jnp.float32(weight))
