@@ -267,8 +267,7 @@ def test_apply_merges_equals_numpy_reference(name, num_models, kind, kernel):
         want[path]).max(), err_msg=spec_lib.fmt_path(path))
 
 
-@pytest.mark.parametrize("kernel", ["segment_sum", "einsum"])
-@pytest.mark.parametrize("kind", ["greedy", "soft"])
+@pytest.mark.parametrize("kind,kernel", [("greedy", "segment_sum"), ("soft", "einsum")])
 def test_apply_merges_batchnorm_leaves_equals_numpy_reference(kind, kernel):
   """batchnorm="leaves" (the official code's merge): scale, bias, mean and variance each
   merged with M, like any leaf that writes the space."""
