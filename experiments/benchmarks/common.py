@@ -174,6 +174,32 @@ def timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def compile_counter() -> Callable[[Callable[[], Any]], tuple[Any, dict]]:
+  """A function that calls ``fn()``, waits for its result, and returns it with the call's
+  seconds, the number of XLA programs compiled during it and their compile seconds (counted
+  with JAX's monitoring events; the listener stays registered for the process)."""
+  compiles: list[float] = []
+
+  def listener(event, seconds, **kwargs):
+    del kwargs
+    if event == COMPILE_EVENT:
+      compiles.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+
+  def call(fn: Callable[[], Any]) -> tuple[Any, dict]:
+    before = len(compiles)
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, {"seconds": time.perf_counter() - start, "compiles": len(compiles) - before,
+                 "compile_seconds": sum(compiles[before:])}
+
+  return call
+
+
 def time_calls(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
                budget_s: float | None = None) -> dict[str, Timing]:
   """Times functions side by side: after ``warmup`` calls of each (compilation), ``repeats``

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 
 import jax
 
@@ -24,7 +23,6 @@ from . import common
 NAME = "first_zip"
 TITLE = "First zip in a fresh process"
 BASELINE = "the same zip, repeated"
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +47,7 @@ SETTINGS = {
 def measure(payload: dict) -> dict:
   """Times the three calls and counts their compilations (in the worker process)."""
   s = Settings(**payload)
-  compiles: list[float] = []
-
-  def listener(event, seconds, **kwargs):
-    del kwargs
-    if event == _COMPILE_EVENT:
-      compiles.append(seconds)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
+  call = common.compile_counter()
   model, spec = common.build_model(s.arch, s.width, s.num_outputs)
   variables = common.init_models(model, 4, s.image_size)
   num_batches = -(-s.num_images // s.batch_size)
@@ -67,13 +58,8 @@ def measure(payload: dict) -> dict:
   for name, (a, b), matcher in (
       ("first", (0, 1), None), ("repeat", (0, 1), None),
       ("other pair", (2, 3), zipjax.match.greedy(alpha=0.3, beta=0.125))):
-    before = len(compiles)
-    start = time.perf_counter()
-    jax.block_until_ready(zipjax.zip(variables[a], variables[b], spec, data=data,
-                                     matcher=matcher))
-    calls[name] = {"seconds": time.perf_counter() - start,
-                   "compiles": len(compiles) - before,
-                   "compile_seconds": sum(compiles[before:])}
+    _, calls[name] = call(lambda a=a, b=b, matcher=matcher: zipjax.zip(
+        variables[a], variables[b], spec, data=data, matcher=matcher))
   return {"settings": dataclasses.asdict(s), "calls": calls,
           "label": (f"{common.model_label(s.arch, s.width)}, {s.num_images} images "
                     f"{s.image_size}x{s.image_size} in batches of {s.batch_size}")}

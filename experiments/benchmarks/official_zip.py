@@ -82,7 +82,6 @@ CHECKOUT_FILES = ("model_merger.py", "matching_functions.py", "metric_calculator
 #: The largest relative difference of the merged models' logits counted as agreement.
 AGREEMENT_TOLERANCE = 1e-3
 
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +237,7 @@ def measure_zipjax(payload: dict) -> dict:
   import zipjax
   from zipjax import models
   s = Settings(**payload["settings"])
-  compiles: list[float] = []
-
-  def listener(event, seconds, **kwargs):
-    del kwargs
-    if event == _COMPILE_EVENT:
-      compiles.append(seconds)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
+  call = common.compile_counter()
   with np.load(payload["weights"]) as f:
     states = {m: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(f"{m}/")}
               for m in "ab"}
@@ -260,12 +252,8 @@ def measure_zipjax(payload: dict) -> dict:
   matcher = zipjax.match.official(alpha=s.alpha, beta=s.beta)
   calls, merged = {}, {}
   for name in ("first", "repeat"):
-    before = len(compiles)
-    start = time.perf_counter()
-    merged[name] = jax.block_until_ready(zipjax.zip(variables[0], variables[1], spec, data=data,
-                                                    matcher=matcher, mode="official"))
-    calls[name] = {"seconds": time.perf_counter() - start, "compiles": len(compiles) - before,
-                   "compile_seconds": sum(compiles[before:])}
+    merged[name], calls[name] = call(lambda: zipjax.zip(
+        variables[0], variables[1], spec, data=data, matcher=matcher, mode="official"))
   logits = {k: np.asarray(apply(v, check)) for k, v in merged.items()}
   np.savez(payload["merged_zipjax"], **{jax.tree_util.keystr(p): np.asarray(x) for p, x in
                                         jax.tree_util.tree_leaves_with_path(merged["first"])})
