@@ -11,7 +11,11 @@ progress may be kept in experiments/results/cifar10_resnet20x1_clip/training (pa
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python -m experiments.run --config cifar10_resnet20x1_clip --out runs/cifar10_r20x1_clip \\
-      --checkpoints experiments/results/cifar10_resnet20x1_clip/training
+      --checkpoints experiments/results/cifar10_resnet20x1_clip/training --train-only
+
+then merge and evaluate on one device (the same command without XLA_FLAGS and --train-only):
+the calibration batches of 500 are not a multiple of 8, so on 8 simulated devices each
+BatchNorm reset would compute every batch on every device.
 
 The ``local`` variant (one pair, 500 images per class, 2 epochs) checks the pipeline in a few
 minutes.
