@@ -184,7 +184,7 @@ def run(config: configs_lib.ExperimentConfig, *, out_dir: str | None = None,
   for r in range(config.num_runs):
     sources = None
     for g, group in enumerate(config.groups):
-      def evaluate(methods, r=r, g=g, group=group, pair=pair):
+      def evaluate(methods, r=r, group=group, pair=pair):
         nonlocal sources
         if sources is None:
           sources = train_sources(config, exp, r, checkpoints=checkpoints, progress=progress)
