@@ -214,9 +214,10 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
   experiments that compare their own methods on a config's pairs.
 
   ``done``: a folder where each run's rows are kept once evaluated, and taken from by a later
-  call with the same config and methods, so that an evaluation spans several invocations as
-  training does; delete a file to evaluate its run again, or a method's line of it to
-  evaluate that method again (alone) and keep the others.
+  call with the same config, so that an evaluation spans several invocations as training
+  does. A row is taken for the method that made it (same name, same matcher and options); a
+  method added or changed since is evaluated alone and its row added to the others. Delete
+  a file to evaluate its run again, or a method's line of it to evaluate that method again.
   """
   rows = []
   group = config.groups[0]
@@ -234,17 +235,23 @@ def evaluate_runs(config: configs_lib.ExperimentConfig, exp: Experiment, runs: S
   return rows
 
 
-def _rows_path(done: str, config, run_index: int, group: int, methods) -> str:
-  """Where a run's group's rows are kept: named by a digest of the config and the methods,
-  so that rows of another config or other methods are never taken."""
-  def described(method):  # matchers by their names, which say their options
-    return {f.name: _name_of(getattr(method, f.name)) for f in dataclasses.fields(method)}
+def _rows_path(done: str, config, run_index: int, group: int) -> str:
+  """Where a run's group's rows are kept: named by a digest of the config, so that rows of
+  another config are never taken; each row's method is checked by :func:`_method_digest`."""
   # A run's rows do not depend on how many runs there are: a table of 3 pairs takes those
   # of a table of 2.
   settings = {k: v for k, v in _jsonable(config).items() if k != "num_runs"}
-  key = json.dumps([settings, [described(m) for m in methods]], sort_keys=True, default=str)
+  key = json.dumps(settings, sort_keys=True, default=str)
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   return os.path.join(done, f"run{run_index}_group{group}_{digest}.csv")
+
+
+def _method_digest(method: eval_lib.Method) -> str:
+  """A digest of what a method does (its matcher by its name, which says its options), so
+  that a kept row is taken only for the method that made it, not another of the same name."""
+  described = {f.name: _name_of(getattr(method, f.name)) for f in dataclasses.fields(method)}
+  key = json.dumps(described, sort_keys=True, default=str)
+  return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _name_of(value):
@@ -255,22 +262,32 @@ def _name_of(value):
 
 def _rows_of(done, config, run_index, group, methods, pair, evaluate) -> list[eval_lib.Row]:
   """A run's group's rows, one per method in the order of ``methods``: those kept in ``done``
-  (renumbered as ``pair``), the others from ``evaluate(missing methods)``, then all kept."""
+  by the same method (renumbered as ``pair``), the others from ``evaluate(missing methods)``,
+  then all kept (the rows of methods not asked for this time too)."""
   if done is None:
     return evaluate(methods)
-  path = _rows_path(done, config, run_index, group, methods)
-  kept = {}
+  path = _rows_path(done, config, run_index, group)
+  digests_path = path[:-len(".csv")] + ".methods.json"
+  kept, digests = {}, {}
   if os.path.exists(path):
     kept = {row.method: dataclasses.replace(row, pair=pair) for row in eval_lib.read_rows(path)}
-  missing = [m for m in methods if m.name not in kept]
+    if os.path.exists(digests_path):
+      with open(digests_path) as f:
+        digests = json.load(f)
+  wanted = {m.name: _method_digest(m) for m in methods}
+  missing = [m for m in methods if m.name not in kept or digests.get(m.name) != wanted[m.name]]
   if kept:
     print(f"run {run_index}: rows kept in {path}"
           + (f"; evaluating {[m.name for m in missing]}" if missing else "")
           + " (delete the file, or a method's line, to evaluate it again)")
   if missing:
     kept.update((row.method, row) for row in evaluate(missing))
+    digests.update(wanted)
     os.makedirs(done, exist_ok=True)
-    eval_lib.write_rows([kept[m.name] for m in methods], path)
+    names = [m.name for m in methods] + [n for n in kept if n not in wanted]
+    eval_lib.write_rows([kept[n] for n in names], path)
+    with open(digests_path, "w") as f:
+      json.dump({n: digests[n] for n in names}, f, indent=1, sort_keys=True)
   return [kept[m.name] for m in methods]
 
 

@@ -125,14 +125,14 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
   methods = [eval_lib.Method("Model A", "source"),
              eval_lib.Method("ZipIt!", "merge", zipjax.match.greedy())]
   # With ``done``, an evaluated run is kept and not evaluated again, unless its methods or
-  # its config differ.
+  # its config differ: then only what differs is evaluated.
   done = str(tmp_path / "done")
   checkpoints = str(tmp_path / "checkpoints")
   first = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=checkpoints,
                                 progress=False, done=done)
   assert [(r.method, r.pair) for r in first] == [("Model A", 0), ("ZipIt!", 0)]
   assert all(0.0 <= r.joint <= 1.0 for r in first)
-  (kept,) = os.listdir(done)
+  (kept,) = [f for f in os.listdir(done) if f.endswith(".csv")]
   assert kept.startswith("run0_group0_") and kept.endswith(".csv")
   real_evaluate = eval_lib.evaluate_methods
   monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
@@ -157,10 +157,25 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
   assert [r.method for r in redone] == [r.method for r in eval_lib.read_rows(path)] == [
       "Model A", "ZipIt!"]
   np.testing.assert_allclose(redone[1].joint, first[1].joint, atol=1e-5)
+  # Fewer methods: taken from the kept rows, which keep the others.
   monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
-  with pytest.raises(AssertionError, match="evaluated again"):  # other methods
-    run_lib.evaluate_runs(config, exp, [0], methods[:1], checkpoints=checkpoints,
-                          progress=False, done=done)
+  fewer = run_lib.evaluate_runs(config, exp, [0], methods[:1], checkpoints=checkpoints,
+                                progress=False, done=done)
+  assert [r.method for r in fewer] == ["Model A"]
+  # A method added, and one of the same name with other options: those two alone are
+  # evaluated; every row is kept, the others as they were.
+  evaluated.clear()
+  monkeypatch.setattr(eval_lib, "evaluate_methods", lambda *a, methods, **k: (
+      evaluated.append([m.name for m in methods]), real_evaluate(*a, methods=methods, **k))[1])
+  changed = [methods[0], eval_lib.Method("ZipIt!", "merge", zipjax.match.greedy(alpha=0.3)),
+             eval_lib.Method("Permute", "merge", zipjax.match.permute())]
+  rows = run_lib.evaluate_runs(config, exp, [0], changed, checkpoints=checkpoints,
+                               progress=False, done=done)
+  assert evaluated == [["ZipIt!", "Permute"]]
+  assert [r.method for r in rows] == ["Model A", "ZipIt!", "Permute"]
+  np.testing.assert_allclose(rows[0].per_task, first[0].per_task, atol=1e-5)
+  assert sorted(os.listdir(done)) == sorted([kept, kept.replace(".csv", ".methods.json")])
+  monkeypatch.setattr(eval_lib, "evaluate_methods", _must_not_run)
   other = configs.override(config, "calibration.num_images=32")
   with pytest.raises(AssertionError, match="evaluated again"):  # another config
     run_lib.evaluate_runs(other, run_lib.prepare(other), [0], methods, checkpoints=checkpoints,
