@@ -1,6 +1,9 @@
 """The paper's analysis sweeps over one experiment's source models: Fig. 8 (ZipIt!'s
 same-model budget beta), Fig. 9 (model width), Fig. 10 (amount of calibration data, with and
-without augmentation) and Table 4 (matching algorithms, with their matching time).
+without augmentation) and Table 4 (matching algorithms, with their matching time); and the
+search of ZipIt!'s alpha and beta on a grid, which the paper runs on a held-out pair (Sec. 5:
+"we hold one split out for hyperparameter search and report mean and standard deviation on
+the rest"; ``--set num_runs=1`` keeps the first pair only).
 
   python -m experiments.sweeps --config cifar10_resnet20x1_sweeps --sweep beta --out DIR
   python -m experiments.sweeps --config cifar10_resnet20x1_sweeps --sweep matchers --out DIR
@@ -8,6 +11,9 @@ without augmentation) and Table 4 (matching algorithms, with their matching time
   python -m experiments.sweeps --config cifar10_resnet20x1_sweeps --sweep width \\
       --values 0.5,1,2 --out DIR
   python -m experiments.sweeps --config digits_default:local --sweep beta --out runs/sweep_beta
+  python -m experiments.sweeps --config cifar10_resnet20x1_clip --sweep alpha_beta \\
+      --set num_runs=1 --checkpoints experiments/results/cifar10_resnet20x1_clip/training \\
+      --out experiments/results/cifar10_resnet20x1_clip/alpha_beta
 
 Every sweep trains (or restores) the config's source models with the runner's steps
 (``experiments.run``): run r's models are checkpointed in ``CHECKPOINTS/run{r}_task{t}``
@@ -39,7 +45,7 @@ from . import evaluate as eval_lib
 from . import run as run_lib
 from zipjax import match
 
-SWEEPS = ("beta", "width", "calibration", "matchers")
+SWEEPS = ("beta", "width", "calibration", "matchers", "alpha_beta")
 
 DEFAULT_VALUES: dict[str, tuple] = {
     "beta": (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -47,11 +53,13 @@ DEFAULT_VALUES: dict[str, tuple] = {
     "calibration": (8, 32, 128, 512, 2000),
     "matchers": ("identity", "permute", "kmeans", "optimal", "greedy_noalpha", "greedy",
                  "greedy_alpha1"),
+    "alpha_beta": tuple((a, b) for a in (0.1, 0.3, 0.5, 0.7, 1.0)
+                        for b in (0.0, 0.125, 0.25, 0.5, 1.0)),
 }
 """The swept values when ``--values`` is not given."""
 
 VALUE_LABEL = {"beta": "beta", "width": "width", "calibration": "images",
-               "matchers": "matcher"}
+               "matchers": "matcher", "alpha_beta": "alpha/beta"}
 
 
 def matcher_by_name(name: str, *, alpha: float = 0.5, beta: float = 0.5
@@ -127,6 +135,42 @@ def sweep_beta(config: configs_lib.ExperimentConfig, *, values: Sequence[float],
 
   return _variant_records("beta", config, exp, variants, checkpoints=checkpoints,
                           progress=progress)
+
+
+def sweep_alpha_beta(config: configs_lib.ExperimentConfig, *,
+                     values: Sequence[tuple[float, float]],
+                     stop_points: Sequence[str | None] = (None,),
+                     checkpoints: str | None = None, progress: bool = True) -> list[Record]:
+  """ZipIt! (greedy) at each (alpha, beta) of ``values``, fully zipped and at each partial
+  ``stop_points``; the feature statistics are computed once per pair. Pick the best value
+  with :func:`best_value` on a held-out pair and report it on the others."""
+  exp = run_lib.prepare(config)
+
+  def variants(_):
+    return [eval_lib.Variant((float(a), float(b)), _zip_name(stop),
+                             match.greedy(alpha=float(a), beta=float(b)), stop)
+            for a, b in values for stop in stop_points]
+
+  return _variant_records("alpha_beta", config, exp, variants, checkpoints=checkpoints,
+                          progress=progress)
+
+
+def best_value(records: Sequence[Record], *, method: str = "ZipIt! (full)",
+               metric: str = "joint") -> tuple[Any, tuple[float, float]]:
+  """The swept value whose ``method`` has the highest mean ``metric`` ("joint" or "avg")
+  over the records' pairs, and that (mean, std) in percent; the first such value on a tie.
+
+  Raises:
+    ValueError: no record of ``method``.
+  """
+  best = None
+  for e in summarise(records):
+    if e["method"] == method and (best is None or e[metric][0] > best[1][0]):
+      best = (e["value"], e[metric])
+  if best is None:
+    raise ValueError(f"No record of {method!r}; methods: "
+                     f"{sorted({r.row.method for r in records})}.")
+  return best
 
 
 def _zip_name(stop: str | None) -> str:
@@ -217,6 +261,8 @@ def summarise(records: Sequence[Record]) -> list[dict[str, Any]]:
 
 
 def _value_str(value) -> str:
+  if isinstance(value, tuple):
+    return "/".join(_value_str(v) for v in value)
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -275,6 +321,9 @@ def plot_sweep(records: Sequence[Record], path: str, sweep: str, *, title: str =
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   summary = summarise(records)
   methods = list(dict.fromkeys(e["method"] for e in summary))
+  if sweep == "alpha_beta":
+    _plot_grid(plt, summary, path, title or sweep)
+    return
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   if sweep == "matchers":
     xs = np.arange(len(summary))
@@ -311,6 +360,37 @@ def plot_sweep(records: Sequence[Record], path: str, sweep: str, *, title: str =
   plt.close(fig)
 
 
+def _plot_grid(plt, summary, path: str, title: str) -> None:
+  """Heat maps of the alpha/beta grid: joint and per-task average accuracy of each method."""
+  methods = list(dict.fromkeys(e["method"] for e in summary))
+  alphas = sorted({e["value"][0] for e in summary})
+  betas = sorted({e["value"][1] for e in summary})
+  fig, axes = plt.subplots(len(methods), 2, figsize=(10, 3.8 * len(methods)), squeeze=False)
+  for row, method in enumerate(methods):
+    by = {e["value"]: e for e in summary if e["method"] == method}
+    for ax, metric, name in ((axes[row, 0], "joint", "joint"), (axes[row, 1], "avg", "per-task avg")):
+      grid = np.full((len(alphas), len(betas)), np.nan)
+      for (a, b), e in by.items():
+        grid[alphas.index(a), betas.index(b)] = e[metric][0]
+      im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+      for i in range(len(alphas)):
+        for j in range(len(betas)):
+          if np.isfinite(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if grid[i, j] < np.nanmean(grid) else "black")
+      ax.set_xticks(range(len(betas)), [_value_str(b) for b in betas])
+      ax.set_yticks(range(len(alphas)), [_value_str(a) for a in alphas])
+      ax.set_xlabel("same-model budget beta")
+      ax.set_ylabel("alpha")
+      ax.set_title(f"{method}: {name} accuracy (%)", fontsize=9)
+      fig.colorbar(im, ax=ax)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------
 # Entry point.
 
@@ -323,6 +403,14 @@ def parse_values(sweep: str, text: str | None) -> tuple:
     return tuple(parts)
   if sweep == "calibration":
     return tuple(int(p) for p in parts)
+  if sweep == "alpha_beta":
+    out = []
+    for p in parts:
+      a, slash, b = p.partition("/")
+      if not slash:
+        raise ValueError(f"alpha_beta values are ALPHA/BETA pairs (e.g. 0.3/0.125), got {p!r}.")
+      out.append((float(a), float(b)))
+    return tuple(out)
   return tuple(float(p) for p in parts)
 
 
@@ -346,6 +434,9 @@ def run_sweep(config: configs_lib.ExperimentConfig, sweep: str, *,
                          checkpoints=checkpoints, progress=progress)
   elif sweep == "matchers":
     records = sweep_matchers(config, values=values, checkpoints=checkpoints, progress=progress)
+  elif sweep == "alpha_beta":
+    records = sweep_alpha_beta(config, values=values, stop_points=stop_points,
+                               checkpoints=checkpoints, progress=progress)
   elif sweep == "calibration":
     records = sweep_calibration(config, values=values, checkpoints=checkpoints,
                                 progress=progress)
@@ -353,7 +444,7 @@ def run_sweep(config: configs_lib.ExperimentConfig, sweep: str, *,
     records = sweep_width(config, values=values, checkpoints=checkpoints, progress=progress)
   md = write_sweep(records, out_dir, sweep)
   plot_sweep(records, os.path.join(out_dir, f"{sweep}.png"), sweep,
-             title=f"{config.name}: {dict(beta='Fig. 8, beta', width='Fig. 9, width', calibration='Fig. 10, calibration data', matchers='Table 4, matching algorithms')[sweep]}"
+             title=f"{config.name}: {dict(beta='Fig. 8, beta', width='Fig. 9, width', calibration='Fig. 10, calibration data', matchers='Table 4, matching algorithms', alpha_beta='alpha and beta')[sweep]}"
              f" ({config.num_pairs} pair{'s' if config.num_pairs > 1 else ''})")
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump({"sweep": sweep, "values": list(values), "stop_points": list(stop_points),
@@ -369,10 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--sweep", required=True, choices=SWEEPS)
   parser.add_argument("--values", default=None,
                       help="comma-separated swept values (default: "
-                           + "; ".join(f"{k}: {','.join(map(str, v))}"
-                                       for k, v in DEFAULT_VALUES.items()) + ")")
+                           + "; ".join(f"{k}: {','.join(map(_value_str, v))}"
+                                       for k, v in DEFAULT_VALUES.items())
+                           + "; alpha_beta values are ALPHA/BETA pairs)")
   parser.add_argument("--stop-points", default="None",
-                      help="beta sweep: comma-separated stop points, None = full zip "
+                      help="beta and alpha_beta sweeps: comma-separated stop points, None = full zip "
                            "(e.g. None,stage2)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, e.g. --set train.epochs=3")
@@ -388,12 +480,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for s in args.stop_points.split(","))
   start = time.perf_counter()
   out = args.out or os.path.join(config.output_dir, f"sweep_{args.sweep}")
-  _, md = run_sweep(config, args.sweep, values=parse_values(args.sweep, args.values),
-                    out_dir=out, checkpoints=args.checkpoints, stop_points=stops,
-                    progress=not args.quiet)
+  records, md = run_sweep(config, args.sweep, values=parse_values(args.sweep, args.values),
+                          out_dir=out, checkpoints=args.checkpoints, stop_points=stops,
+                          progress=not args.quiet)
   print(f"\n{config.name}: {args.sweep} sweep, {run_lib.merged_groups(config)}, "
         f"{time.perf_counter() - start:.0f} s\n")
   print(md)
+  if args.sweep == "alpha_beta":
+    for metric in ("joint", "avg"):
+      value, (mean, std) = best_value(records, metric=metric)
+      print(f"best alpha/beta by ZipIt! (full) {metric} accuracy: {_value_str(value)} "
+            f"({mean:.2f} ± {std:.2f})")
   print(f"\nwritten: {out}/{args.sweep}.md, {args.sweep}.csv, {args.sweep}_rows.csv, "
         f"{args.sweep}.png")
   return 0

@@ -7,11 +7,13 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the sweeps train models; the runner tests cover a real merge
-
 from experiments import configs
 from experiments import run as run_lib
 from experiments import sweeps
+from experiments import evaluate as eval_lib
+
+# The end-to-end sweeps train models (slow); the runner tests cover a real merge.
+slow = pytest.mark.slow
 
 
 def _tiny_config():
@@ -56,6 +58,7 @@ def _same(record_row, ref_row):
   assert (record_row.joint, record_row.per_task) == (ref_row.joint, ref_row.per_task)
 
 
+@slow
 def test_beta_sweep_matches_the_runner_at_its_beta(reference, tmp_path):
   config, ref, ckpt = reference
   records, md = sweeps.run_sweep(config, "beta", values=(0.0, 0.5),
@@ -71,6 +74,7 @@ def test_beta_sweep_matches_the_runner_at_its_beta(reference, tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")  # trained nothing
 
 
+@slow
 def test_matchers_sweep_identity_is_weight_averaging(reference, tmp_path):
   config, ref, ckpt = reference
   names = ("identity", "permute", "kmeans", "optimal", "greedy")
@@ -87,6 +91,7 @@ def test_matchers_sweep_identity_is_weight_averaging(reference, tmp_path):
   assert "| Match s |" in md.splitlines()[0] + " |"
 
 
+@slow
 def test_calibration_sweep_matches_the_runner_at_its_size(reference, tmp_path):
   config, ref, ckpt = reference
   records, _ = sweeps.run_sweep(config, "calibration", values=(32, 64), out_dir=str(tmp_path),
@@ -101,6 +106,7 @@ def test_calibration_sweep_matches_the_runner_at_its_size(reference, tmp_path):
   _same(by[(64, "Permute")], ref["Permute"])
 
 
+@slow
 def test_width_sweep_trains_per_width_and_matches_the_runner(reference, tmp_path, capsys):
   config, ref, ckpt = reference
   # Width 0.25 is the reference's width: the sweep restores the runner's models from there.
@@ -121,3 +127,52 @@ def test_width_sweep_trains_per_width_and_matches_the_runner(reference, tmp_path
   narrow = {r["method"]: r for r in rows if r["width"] == "0.25"}
   for method in ("W.Avg", "Permute", "ZipIt! (full)"):
     assert narrow[method]["joint"] == f"{ref[method].joint:.5f}"
+
+
+@slow
+def test_alpha_beta_sweep_matches_the_runner_at_its_alpha_and_beta(reference, tmp_path, capsys):
+  config, ref, ckpt = reference
+  args = ["--config", "digits_default", "--sweep", "alpha_beta", "--values", "0.5/0.5,0.1/0",
+          "--stop-points", "None,stage2", "--out", str(tmp_path), "--checkpoints", ckpt,
+          "--quiet"]
+  for s in ("train.epochs=1", "train.batch_size=32", "num_runs=1", "model.width=0.25",
+            "model.num_outputs=16", "calibration.num_images=64", "calibration.batch_size=32",
+            "eval_batch_size=512"):
+    args += ["--set", s]
+  assert sweeps.main(args) == 0
+  out = capsys.readouterr().out
+  rows = _check_outputs(tmp_path, "alpha_beta", "alpha/beta", {"0.5/0.5", "0.1/0"})
+  assert len(rows) == 2 * 2
+  assert "| alpha/beta | Method |" in out and "| 0.1/0 | ZipIt! (partial, stage2) |" in out
+  # The config's alpha and beta (0.5, 0.5) build the runner's ZipIt! models exactly.
+  by = {(r["alpha/beta"], r["method"]): r for r in rows}
+  for method in ("ZipIt! (full)", "ZipIt! (partial, stage2)"):
+    assert float(by[("0.5/0.5", method)]["joint"]) == pytest.approx(ref[method].joint, abs=1e-5)
+  best = max(("0.5/0.5", "0.1/0"), key=lambda v: float(by[(v, "ZipIt! (full)")]["joint"]))
+  assert f"best alpha/beta by ZipIt! (full) joint accuracy: {best} " in out
+
+
+def _record(value, method, joint, avg, pair=0):
+  row = eval_lib.Row(method, pair, joint, (avg, avg), 1.0, 0.0)
+  return sweeps.Record("alpha_beta", value, row)
+
+
+def test_best_value_takes_the_highest_mean_of_the_method():
+  records = [_record((0.1, 0.5), "ZipIt! (full)", 0.40, 0.70),
+             _record((0.1, 0.5), "ZipIt! (full)", 0.50, 0.70, pair=1),
+             _record((0.3, 0.5), "ZipIt! (full)", 0.46, 0.80),
+             _record((0.3, 0.5), "ZipIt! (full)", 0.46, 0.80, pair=1),
+             _record((0.5, 0.5), "ZipIt! (partial, stage2)", 0.90, 0.90)]
+  value, (mean, std) = sweeps.best_value(records)
+  assert value == (0.3, 0.5) and mean == pytest.approx(46.0) and std == pytest.approx(0.0)
+  assert sweeps.best_value(records, metric="avg")[0] == (0.3, 0.5)
+  assert sweeps.best_value(records, method="ZipIt! (partial, stage2)")[0] == (0.5, 0.5)
+  with pytest.raises(ValueError, match="No record of 'Permute'"):
+    sweeps.best_value(records, method="Permute")
+
+
+def test_alpha_beta_values_parse_as_pairs():
+  assert sweeps.parse_values("alpha_beta", "0.3/0.125, 1/0") == ((0.3, 0.125), (1.0, 0.0))
+  assert len(sweeps.parse_values("alpha_beta", None)) == 25
+  with pytest.raises(ValueError, match="ALPHA/BETA pairs"):
+    sweeps.parse_values("alpha_beta", "0.3")
