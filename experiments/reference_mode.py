@@ -24,6 +24,7 @@ from typing import Sequence
 from . import configs as configs_lib
 from . import evaluate as eval_lib
 from . import run as run_lib
+from . import sweeps
 from zipjax import match
 
 #: name -> (matcher factory, capture, mode).
@@ -37,11 +38,24 @@ VARIANTS = {
 }
 
 
-def variant_methods(num_models: int, stop_points: Sequence[str | None]) -> list[eval_lib.Method]:
-  """The sources, every variant at every stop point (None: the full zip), the ensemble."""
+def variants(alpha_beta: tuple[float, float] | None = None) -> dict:
+  """:data:`VARIANTS`, and with ``alpha_beta`` the default at that alpha and beta (chosen on
+  a held-out pair by ``python -m experiments.sweeps --sweep alpha_beta``)."""
+  out = dict(VARIANTS)
+  if alpha_beta is not None:
+    a, b = (float(v) for v in alpha_beta)
+    out[f"default, alpha/beta {a:g}/{b:g}"] = (lambda: match.greedy(alpha=a, beta=b), "every",
+                                               "zipjax")
+  return out
+
+
+def variant_methods(num_models: int, stop_points: Sequence[str | None],
+                    chosen: dict | None = None) -> list[eval_lib.Method]:
+  """The sources, every variant of ``chosen`` (default :data:`VARIANTS`) at every stop point
+  (None: the full zip), the ensemble."""
   names = "ABCDEFGH"
   out = [eval_lib.Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
-  for variant, (factory, capture, mode) in VARIANTS.items():
+  for variant, (factory, capture, mode) in (chosen or VARIANTS).items():
     for stop in stop_points:
       out.append(eval_lib.Method(f"{variant} ({stop or 'full'})", "merge", factory(),
                                  stop_at=stop, mode=mode, capture=capture))
@@ -49,12 +63,14 @@ def variant_methods(num_models: int, stop_points: Sequence[str | None]) -> list[
   return out
 
 
-def average_table(rows: Sequence[eval_lib.Row], stop_points: Sequence[str | None]) -> str:
-  """Markdown: average per-task accuracy (mean ± std over pairs), a variant per row."""
+def average_table(rows: Sequence[eval_lib.Row], stop_points: Sequence[str | None],
+                  chosen: dict | None = None) -> str:
+  """Markdown: average per-task accuracy (mean ± std over pairs), a variant of ``chosen``
+  (default :data:`VARIANTS`) per row."""
   summary = {e["method"]: e for e in eval_lib.summarise(rows)}
   stops = [s or "full" for s in stop_points]
   lines = ["| variant | " + " | ".join(stops) + " |", "|---|" + "---|" * len(stops)]
-  for variant in VARIANTS:
+  for variant in (chosen or VARIANTS):
     cells = [eval_lib._fmt(summary[f"{variant} ({s})"]["avg"]) for s in stops]  # pylint: disable=protected-access
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -67,17 +83,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--runs", default="0", help="comma-separated runs (pairs) to merge")
   parser.add_argument("--checkpoints", required=True)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--alpha-beta", default=None, metavar="ALPHA/BETA",
+                      help="add the default at this alpha and beta (e.g. chosen on a held-out "
+                           "pair with python -m experiments.sweeps --sweep alpha_beta)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = parser.parse_args(argv)
+  chosen = variants(sweeps.parse_values("alpha_beta", args.alpha_beta)[0]
+                    if args.alpha_beta else None)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
   stops = config.merge.stop_points
   rows = run_lib.evaluate_runs(config, exp, [int(x) for x in args.runs.split(",")],
-                               variant_methods(len(config.groups[0]), stops),
+                               variant_methods(len(config.groups[0]), stops, chosen),
                                checkpoints=args.checkpoints,
                                done=os.path.join(args.out, "reference_vs_default_runs"))
   eval_lib.write_table(rows, args.out, name="reference_vs_default")
-  avg = average_table(rows, stops)
+  avg = average_table(rows, stops, chosen)
   with open(os.path.join(args.out, "reference_vs_default_avg.md"), "w") as f:
     f.write(avg + "\n")
   print(avg)

@@ -37,3 +37,13 @@ def test_average_table_has_a_row_per_variant_and_a_column_per_stop():
 def test_checkpoints_and_out_are_required():
   with pytest.raises(SystemExit):
     reference_mode.main(["--checkpoints", "x"])  # --out is required
+
+
+def test_alpha_beta_adds_the_default_at_those_values():
+  chosen = reference_mode.variants((0.3, 0.25))
+  assert list(chosen)[:-1] == list(reference_mode.VARIANTS)
+  methods = reference_mode.variant_methods(2, (None,), chosen)
+  tuned = {m.name: m for m in methods}["default, alpha/beta 0.3/0.25 (full)"]
+  assert tuned.matcher.__name__ == "greedy(alpha=0.3, beta=0.25)"
+  assert (tuned.mode, tuned.capture) == ("zipjax", "every")
+  assert reference_mode.variants() == reference_mode.VARIANTS
