@@ -5,12 +5,16 @@ mode (``mode="official"``, the official ZipIt! merges): the matcher's alpha and 
 residual stream's features are taken (after every block, or once where its stage ends), and
 the matcher's budget rule. Each is merged fully and at every stop point of the config, on
 the pairs of ``--runs`` (their source models restored from ``--checkpoints``, or trained
-there; each run's rows kept in ``reference_vs_default_runs/``, so that runs evaluated before
-are not evaluated again), and written as ``reference_vs_default.{csv,md}`` (every method, mean ± std over
-pairs) and ``reference_vs_default_avg.md`` (average per-task accuracy, variants by stop):
+there; each run's rows kept in ``reference_vs_default_runs/``, so that what was evaluated
+before is not evaluated again). Written: ``reference_vs_default.{csv,md}`` (every method,
+mean ± std over pairs), ``reference_vs_default_avg.md`` (average per-task accuracy, variants
+by stop) and ``reference_vs_default_pairs.md`` (each variant in each pair, the best in bold).
+With ``--alpha-beta A/B`` the default at that alpha and beta is one more variant: choose it
+on a held-out pair (``python -m experiments.sweeps --sweep alpha_beta``), read it on the
+others:
 
-  python -m experiments.reference_mode --config cifar10_resnet20x1_clip --runs 0 \\
-      --checkpoints experiments/results/cifar10_resnet20x1_clip/training \\
+  python -m experiments.reference_mode --config cifar10_resnet20x1_clip --runs 0,1,2 \\
+      --alpha-beta 0.7/1 --checkpoints experiments/results/cifar10_resnet20x1_clip/training \\
       --out experiments/results/cifar10_resnet20x1_clip
 """
 
@@ -76,6 +80,26 @@ def average_table(rows: Sequence[eval_lib.Row], stop_points: Sequence[str | None
   return "\n".join(lines)
 
 
+def pair_table(rows: Sequence[eval_lib.Row], chosen: dict | None = None, *,
+               stop: str | None = None, metric: str = "joint") -> str:
+  """Markdown: ``metric`` ("joint" or "avg", in %) of each variant of ``chosen`` (default
+  :data:`VARIANTS`) zipped up to ``stop`` (None: fully), a column per pair, and the best
+  variant of each pair in bold: whether a variant wins in every pair or on average only."""
+  label = stop or "full"
+  pairs = sorted({r.pair for r in rows})
+  value = {(r.method, r.pair): 100 * (r.joint if metric == "joint" else r.task_avg)
+           for r in rows}
+  variants_ = list(chosen or VARIANTS)
+  best = {p: max(variants_, key=lambda v, p=p: value[(f"{v} ({label})", p)]) for p in pairs}
+  lines = [f"| {metric}, {label} | " + " | ".join(f"pair {p}" for p in pairs) + " |",
+           "|---|" + "---|" * len(pairs)]
+  for v in variants_:
+    cells = [(f"**{value[(f'{v} ({label})', p)]:.1f}**" if best[p] == v
+              else f"{value[(f'{v} ({label})', p)]:.1f}") for p in pairs]
+    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   avg = average_table(rows, stops, chosen)
   with open(os.path.join(args.out, "reference_vs_default_avg.md"), "w") as f:
     f.write(avg + "\n")
-  print(avg)
+  per_pair = "\n\n".join(pair_table(rows, chosen, stop=stop, metric=metric)
+                         for metric in ("joint", "avg") for stop in stops)
+  with open(os.path.join(args.out, "reference_vs_default_pairs.md"), "w") as f:
+    f.write(per_pair + "\n")
+  print(avg + "\n\n" + per_pair)
   return 0
 
 

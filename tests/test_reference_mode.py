@@ -47,3 +47,16 @@ def test_alpha_beta_adds_the_default_at_those_values():
   assert tuned.matcher.__name__ == "greedy(alpha=0.3, beta=0.25)"
   assert (tuned.mode, tuned.capture) == ("zipjax", "every")
   assert reference_mode.variants() == reference_mode.VARIANTS
+
+
+def test_pair_table_has_a_column_per_pair_and_the_best_of_each_in_bold():
+  chosen = {"default": None, "reference mode": None}
+  rows = [evaluate.Row("default (full)", 0, 0.52, (0.6, 0.7), 1.0, 1.0),
+          evaluate.Row("reference mode (full)", 0, 0.43, (0.6, 0.6), 1.0, 1.0),
+          evaluate.Row("default (full)", 1, 0.40, (0.5, 0.5), 1.0, 1.0),
+          evaluate.Row("reference mode (full)", 1, 0.44, (0.5, 0.6), 1.0, 1.0)]
+  joint = reference_mode.pair_table(rows, chosen).splitlines()
+  assert joint[0] == "| joint, full | pair 0 | pair 1 |"
+  assert joint[2:] == ["| default | **52.0** | 40.0 |", "| reference mode | 43.0 | **44.0** |"]
+  avg = reference_mode.pair_table(rows, chosen, metric="avg").splitlines()
+  assert avg[2:] == ["| default | **65.0** | 50.0 |", "| reference mode | 60.0 | **55.0** |"]
