@@ -5,7 +5,9 @@ how the heads are paired across models (``zipjax.match.pair_groups``): on the si
 the heads' queries and keys and of their values together (zipjax's default), on either
 alone, one to one across models (a linear assignment: no two heads of one model merged), or
 not at all (head g with head g); and against them attention left unmerged. Writes
-``attention_heads.{csv,md}`` (every variant, mean ± std over pairs):
+``attention_heads.{csv,md}`` (every variant, mean ± std over pairs; each run's rows kept in
+``attention_heads_runs/``, so that a variant added later is evaluated alone; delete them
+when the source models are trained again):
 
   python -m experiments.attention_heads --config cifar10_vit_clip --runs 0,1 \\
       --checkpoints runs/cifar10_vit_clip/checkpoints --out experiments/results/cifar10_vit_clip
@@ -14,6 +16,7 @@ not at all (head g with head g); and against them attention left unmerged. Write
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Mapping, Sequence
 
@@ -145,13 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--only", default=None,
                       help="comma-separated parts of variant names: run only those (and the "
                       "source models and the ensemble)")
+  parser.add_argument("--name", default="attention_heads",
+                      help="the table's name: OUT/NAME.{md,csv} and OUT/NAME_rows.csv")
   args = parser.parse_args(argv)
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
   methods = _selected(variant_methods(len(config.groups[0])), args.only)
   rows = run_lib.evaluate_runs(config, exp, [int(x) for x in args.runs.split(",")], methods,
-                               checkpoints=args.checkpoints)
-  print(eval_lib.write_table(rows, args.out, name="attention_heads"))
+                               checkpoints=args.checkpoints,
+                               done=os.path.join(args.out, "attention_heads_runs"))
+  print(eval_lib.write_table(rows, args.out, name=args.name))
   return 0
 
 
