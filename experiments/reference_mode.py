@@ -112,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "pair with python -m experiments.sweeps --sweep alpha_beta)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = parser.parse_args(argv)
-  chosen = variants(sweeps.parse_values("alpha_beta", args.alpha_beta)[0]
-                    if args.alpha_beta else None)
+  alpha_beta = sweeps.parse_values("alpha_beta", args.alpha_beta) if args.alpha_beta else [None]
+  if len(alpha_beta) != 1:
+    parser.error(f"--alpha-beta takes one ALPHA/BETA pair, got {args.alpha_beta!r}.")
+  chosen = variants(alpha_beta[0])
   config = configs_lib.override(configs_lib.load(args.config), *args.set)
   exp = run_lib.prepare(config)
   stops = config.merge.stop_points

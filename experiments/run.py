@@ -241,16 +241,18 @@ def _rows_path(done: str, config, run_index: int, group: int) -> str:
   # A run's rows do not depend on how many runs there are: a table of 3 pairs takes those
   # of a table of 2.
   settings = {k: v for k, v in _jsonable(config).items() if k != "num_runs"}
-  key = json.dumps(settings, sort_keys=True, default=str)
-  digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-  return os.path.join(done, f"run{run_index}_group{group}_{digest}.csv")
+  return os.path.join(done, f"run{run_index}_group{group}_{_digest(settings)}.csv")
 
 
 def _method_digest(method: eval_lib.Method) -> str:
   """A digest of what a method does (its matcher by its name, which says its options), so
   that a kept row is taken only for the method that made it, not another of the same name."""
-  described = {f.name: _name_of(getattr(method, f.name)) for f in dataclasses.fields(method)}
-  key = json.dumps(described, sort_keys=True, default=str)
+  return _digest({f.name: _name_of(getattr(method, f.name))
+                  for f in dataclasses.fields(method)})
+
+
+def _digest(obj) -> str:
+  key = json.dumps(obj, sort_keys=True, default=str)
   return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

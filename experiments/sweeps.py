@@ -126,14 +126,21 @@ def sweep_beta(config: configs_lib.ExperimentConfig, *, values: Sequence[float],
                progress: bool = True) -> list[Record]:
   """Fig. 8: ZipIt! (greedy, the config's alpha) at each same-model budget beta, fully
   zipped and at each partial ``stop_points``."""
+  return _greedy_sweep("beta", config, [(float(b), config.merge.alpha, b) for b in values],
+                       stop_points=stop_points, checkpoints=checkpoints, progress=progress)
+
+
+def _greedy_sweep(sweep: str, config, points, *, stop_points, checkpoints, progress
+                  ) -> list[Record]:
+  """ZipIt! (greedy) at each (value, alpha, beta) of ``points``, at each stop point."""
   exp = run_lib.prepare(config)
 
   def variants(_):
-    return [eval_lib.Variant(float(b), _zip_name(stop),
-                             match.greedy(alpha=config.merge.alpha, beta=float(b)), stop)
-            for b in values for stop in stop_points]
+    return [eval_lib.Variant(value, _zip_name(stop),
+                             match.greedy(alpha=float(a), beta=float(b)), stop)
+            for value, a, b in points for stop in stop_points]
 
-  return _variant_records("beta", config, exp, variants, checkpoints=checkpoints,
+  return _variant_records(sweep, config, exp, variants, checkpoints=checkpoints,
                           progress=progress)
 
 
@@ -144,15 +151,9 @@ def sweep_alpha_beta(config: configs_lib.ExperimentConfig, *,
   """ZipIt! (greedy) at each (alpha, beta) of ``values``, fully zipped and at each partial
   ``stop_points``; the feature statistics are computed once per pair. Pick the best value
   with :func:`best_value` on a held-out pair and report it on the others."""
-  exp = run_lib.prepare(config)
-
-  def variants(_):
-    return [eval_lib.Variant((float(a), float(b)), _zip_name(stop),
-                             match.greedy(alpha=float(a), beta=float(b)), stop)
-            for a, b in values for stop in stop_points]
-
-  return _variant_records("alpha_beta", config, exp, variants, checkpoints=checkpoints,
-                          progress=progress)
+  return _greedy_sweep("alpha_beta", config,
+                       [((float(a), float(b)), a, b) for a, b in values],
+                       stop_points=stop_points, checkpoints=checkpoints, progress=progress)
 
 
 def best_value(records: Sequence[Record], *, method: str = "ZipIt! (full)",

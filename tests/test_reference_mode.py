@@ -60,3 +60,8 @@ def test_pair_table_has_a_column_per_pair_and_the_best_of_each_in_bold():
   assert joint[2:] == ["| default | **52.0** | 40.0 |", "| reference mode | 43.0 | **44.0** |"]
   avg = reference_mode.pair_table(rows, chosen, metric="avg").splitlines()
   assert avg[2:] == ["| default | **65.0** | 50.0 |", "| reference mode | 60.0 | **55.0** |"]
+
+
+def test_alpha_beta_takes_one_pair():
+  with pytest.raises(SystemExit):
+    reference_mode.main(["--checkpoints", "x", "--out", "y", "--alpha-beta", "0.7/1,0.5/0.5"])
