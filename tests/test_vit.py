@@ -12,6 +12,7 @@ import zipjax
 from zipjax import match, models
 from zipjax import spec as S
 from zipjax._src import spec as spec_src
+from zipjax._src import stats as stats_lib
 from tests import zoo
 
 WIDTH, DEPTH, HEADS, MLP = 32, 2, 4, 48
@@ -59,21 +60,28 @@ def test_self_merge_is_exact(vit, matcher):
   assert _max_diff(model, merged, va, x) < 1e-5
 
 
-def test_permuted_heads_are_recovered(vit):
+@pytest.mark.parametrize("pair_heads", ["attention", "features"])
+@pytest.mark.parametrize("matcher", [match.greedy(), match.permute()], ids=lambda m: m.__name__)
+def test_permuted_heads_are_recovered(vit, pair_heads, matcher):
   model, spec, x, va, _ = vit
   vp, _ = _heads_permuted(spec, va)
   assert _max_diff(model, vp, va, x) < 1e-5  # the same function
-  merged = zipjax.zip(va, vp, spec, data=[x])
+  merged = zipjax.zip(va, vp, spec, data=[x], matcher=matcher, pair_heads=pair_heads)
   assert _max_diff(model, merged, va, x) < 1e-5
 
 
-def test_pairing_is_the_inverse_of_the_head_permutation(vit):
+@pytest.mark.parametrize("pair_heads", ["attention", "features"])
+def test_pairing_is_the_inverse_of_the_head_permutation(vit, pair_heads):
   model, spec, x, va, _ = vit
   vp, order = _heads_permuted(spec, va)
-  stats = zipjax.compute_stats([va, vp], spec, [x])
+  stats = zipjax.compute_stats([va, vp], spec, [x], pair_heads=pair_heads)
   for i in range(DEPTH):
-    corrs = [np.asarray(zipjax.correlation(stats[f"block{i}_{k}"])) for k in ("qk", "vo")]
-    pairing = match.pair_groups(match.greedy(), corrs, num_models=2, groups=HEADS)
+    if pair_heads == "attention":
+      sim = np.asarray(zipjax.correlation(stats[f"block{i}_qk"].heads))
+      pairing = match.pair_groups(match.greedy(), num_models=2, groups=HEADS, similarity=sim)
+    else:
+      corrs = [np.asarray(zipjax.correlation(stats[f"block{i}_{k}"])) for k in ("qk", "vo")]
+      pairing = match.pair_groups(match.greedy(), corrs, num_models=2, groups=HEADS)
     # The copy's head h is the original's head order[h]: both make merged head order[h].
     np.testing.assert_array_equal(pairing[0], np.arange(HEADS))
     np.testing.assert_array_equal(pairing[1], order[i])
@@ -259,16 +267,77 @@ def test_nnx_vit_zips_without_a_spec(vit):
   np.testing.assert_allclose(merged(x), na(x), rtol=1e-5, atol=1e-5)
 
 
-def test_experiment_pairings_match_the_library(vit):
-  """experiments.attention_heads' pairing on Q/K and V/O with greedy is compute_merges'."""
+@pytest.mark.parametrize("pair_heads,on", [("features", ("qk", "vo")),
+                                            ("attention", ("maps",))])
+def test_experiment_pairings_match_the_library(vit, pair_heads, on):
+  """experiments.attention_heads' pairings with greedy are compute_merges': on Q/K and V/O
+  features, and on the attention maps."""
   from experiments import attention_heads  # pylint: disable=import-outside-toplevel
   _, spec, x, va, vb = vit
-  stats = zipjax.compute_stats([va, vb], spec, [x])
+  stats = zipjax.compute_stats([va, vb], spec, [x], pair_heads=pair_heads)
   want = zipjax.compute_merges(stats, num_models=2, spec=spec)
-  got = attention_heads.pairing_merges(on=("qk", "vo"))(stats, spec, [va, vb], [x])
+  got = attention_heads.pairing_merges(on=on)(stats, spec, [va, vb], [x])
   assert set(got) == set(want)
   for name in want:
     np.testing.assert_array_equal(got[name].groups, want[name].groups)
+
+
+def _maps_reference(spec, variables_list, x, name):
+  """numpy: (samples, N * G) attention weights (softmax(q k / sqrt(d)) over the keys) of the
+  heads of space ``name``'s queries and keys, model by model."""
+  out = []
+  groups = spec.space(name).groups
+  for v in variables_list:
+    q, k = (np.asarray(a, np.float64) for a in spec.features(v, x)[name])
+    b, t, w = q.shape
+    q, k = q.reshape(b, t, groups, -1), k.reshape(b, t, groups, -1)
+    logits = np.einsum("bqhd,bkhd->bqkh", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(2, keepdims=True))
+    out.append((weights / weights.sum(2, keepdims=True)).reshape(-1, groups))
+  return np.concatenate(out, -1)
+
+
+def test_head_statistics_are_the_attention_maps_moments(vit):
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x[:3], x[3:]])
+  for s in spec.spaces:
+    if s.heads is None or not s.name.endswith("qk"):
+      assert stats[s.name].heads is None, s.name
+      continue
+    ref = _maps_reference(spec, [va, vb], x, s.name)
+    head = stats[s.name].heads
+    assert int(head.count) == ref.shape[0]
+    np.testing.assert_allclose(head.mean, ref.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head.covariance, np.cov(ref, rowvar=False), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_pair_heads_features_gathers_no_maps(vit):
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x], pair_heads="features")
+  assert all(s.heads is None for s in stats.values())
+
+
+def test_pair_heads_unknown_is_refused(vit):
+  _, spec, x, va, vb = vit
+  with pytest.raises(ValueError, match="pair_heads must be one of"):
+    zipjax.zip(va, vb, spec, data=[x], pair_heads="maps")
+  with pytest.raises(ValueError, match="pair_heads must be one of"):
+    zipjax.compute_stats([va, vb], spec, [x], pair_heads="logits")
+
+
+def test_heads_paired_on_features_where_maps_cannot_be_taken_says_so(vit):
+  """A query/key space captured once (here: its last capture only, the keys) gives no
+  maps: the layer's heads are paired on their features, with a warning naming it."""
+  _, spec, x, va, vb = vit
+  keys_only = zipjax.spec.last_captures(spec)
+  with pytest.warns(UserWarning, match="paired on the similarity of their features instead "
+                    "of their attention maps: attention layer 'block0': none of its spaces "
+                    r"\['block0_qk', 'block0_vo'\] is captured exactly twice; attention layer "
+                    "'block1'"):
+    stats = zipjax.compute_stats([va, vb], keys_only, [x])
+  assert all(s.heads is None for s in stats.values())
+
 
 
 def test_attention_variants_of_a_spec(vit):
@@ -312,6 +381,8 @@ def test_cross_attention_is_inferred_with_heads():
   assert spec.space(qk).heads == spec.space(vo).heads is not None
   zipjax.check_spec(p, spec, inputs)
   pp = zipjax.permute_spaces(p, spec, jax.random.key(4))
+  stats = zipjax.compute_stats([p, pp], spec, [{"inputs": inputs}])
+  assert int(stats[qk].heads.count) == 3 * 5 * 7  # (query, key) pairs of differing lengths
   merged = zipjax.zip(p, pp, spec, data=[{"inputs": inputs}])
   np.testing.assert_allclose(cross(merged, inputs), cross(p, inputs), rtol=1e-5, atol=1e-5)
 
@@ -326,3 +397,39 @@ def test_experiment_pairing_on_attention_maps_recovers_permuted_heads(vit):
                                                                        [x])
     merged = zipjax.apply_merges([va, vp], spec, merges)
     assert _max_diff(model, merged, va, x) < 1e-5
+
+
+def test_sweeps_of_matchers_refuse_heads(vit):
+  """experiments' matcher sweeps match spaces whole: a ViT is refused, not merged wrong."""
+  from experiments import evaluate  # pylint: disable=import-outside-toplevel
+  _, spec, x, va, vb = vit
+  with pytest.raises(ValueError, match="matched in groups"):
+    evaluate.evaluate_matchers(spec, [va, vb], tasks=[[0], [1]], calibration=[x], test=[],
+                               variants=[])
+
+
+def test_pair_groups_takes_correlations_or_a_similarity_not_both():
+  order = np.array([2, 0, 3, 1])  # model B's head h is model A's head order[h]
+  cross = np.zeros((HEADS, HEADS))
+  cross[order, np.arange(HEADS)] = 0.9
+  sim = np.block([[np.eye(HEADS), cross], [cross.T, np.eye(HEADS)]])
+  pairing = match.pair_groups(match.greedy(), num_models=2, groups=HEADS, similarity=sim)
+  np.testing.assert_array_equal(pairing, [np.arange(HEADS), order])
+  with pytest.raises(ValueError, match="not both"):
+    match.pair_groups(match.greedy(), [sim], num_models=2, groups=HEADS, similarity=sim)
+  with pytest.raises(ValueError, match="not neither"):
+    match.pair_groups(match.greedy(), num_models=2, groups=HEADS)
+  with pytest.raises(ValueError, match=r"must have shape \(8, 8\)"):
+    match.pair_groups(match.greedy(), num_models=2, groups=HEADS, similarity=np.eye(6))
+
+
+def test_auto_microbatch_counts_the_attention_maps(vit):
+  """The CPU step size bounds the attention maps a step holds as well as the features."""
+  _, spec, x, va, vb = vit
+  sig = tuple(stats_lib._abstract(v) for v in (va, vb))
+  example = stats_lib._example(x)
+  plain = stats_lib._feature_bytes(spec, sig, example)
+  qk = tuple(f"block{i}_qk" for i in range(DEPTH))
+  tokens = (16 // 8) ** 2 + 1  # patches and the class token
+  assert stats_lib._feature_bytes(spec, sig, example, qk) == (
+      plain + 4 * 2 * DEPTH * HEADS * tokens * tokens)

@@ -156,23 +156,39 @@ def group_similarity(corr: np.ndarray, *, num_models: int, groups: int) -> np.nd
   return sim
 
 
-def pair_groups(matcher: Callable, corrs: Sequence[np.ndarray], *, num_models: int,
-                groups: int) -> np.ndarray:
+def pair_groups(matcher: Callable, corrs: Sequence[np.ndarray] = (), *, num_models: int,
+                groups: int, similarity: np.ndarray | None = None) -> np.ndarray:
   """Which groups of the N models merge into which: the pairing of attention heads.
 
-  ``matcher`` matches the N * G groups as if each were a feature, on the mean over ``corrs``
-  (the correlations of the spaces that share the groups: an attention layer's query/key
-  space and value/output space) of :func:`group_similarity`. Greedy matching may thus merge
-  two heads of one model, as its same-model budget allows; permute() pairs heads one to one
-  across models; identity() keeps head g with head g.
+  ``matcher`` matches the N * G groups as if each were a feature, on ``similarity`` (an
+  (N * G, N * G) matrix, model by model: e.g. the correlation of the heads' attention maps,
+  ``zipjax.correlation(stats.heads)``), or without it on the mean over ``corrs`` (the
+  correlations of the spaces that share the groups: an attention layer's query/key space and
+  value/output space) of :func:`group_similarity`. Greedy matching may thus merge two heads
+  of one model, as its same-model budget allows; permute() pairs heads one to one across
+  models; identity() keeps head g with head g.
 
   Returns:
     (N, G) ints: the merged group of every model's group, for :func:`match_in_groups`.
+
+  Raises:
+    ValueError: both or neither of ``corrs`` and ``similarity``, or a similarity of another
+      shape.
   """
+  if (similarity is None) == (not len(corrs)):
+    raise ValueError("pair_groups needs the correlations of the spaces that share the groups "
+                     "(corrs) or the groups' similarity (similarity=), not "
+                     f"{'both' if similarity is not None else 'neither'}.")
   if groups == 1:
     return np.zeros((num_models, 1), np.int64)
-  sim = np.mean([group_similarity(c, num_models=num_models, groups=groups) for c in corrs],
-                axis=0)
+  if similarity is not None:
+    sim = np.asarray(similarity)
+    if sim.shape != (num_models * groups,) * 2:
+      raise ValueError(f"The similarity of {num_models} models' {groups} groups must have "
+                       f"shape {(num_models * groups,) * 2}, got {sim.shape}.")
+  else:
+    sim = np.mean([group_similarity(c, num_models=num_models, groups=groups) for c in corrs],
+                  axis=0)
   merge = matcher(sim, num_models=num_models)
   if not isinstance(merge, GroupMerge):
     raise TypeError(f"Pairing attention heads needs a matcher that gives group merges; "

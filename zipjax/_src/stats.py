@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
@@ -36,11 +37,17 @@ class FeatureStats(NamedTuple):
     count: number of samples seen.
     mean: (N * width,) mean.
     m2: (N * width, N * width) sum of outer products of centred samples.
+    heads: for the query/key space of an attention layer, computed with
+      ``pair_heads="attention"``: the statistics of the N models' G heads' attention maps,
+      softmax(q . k / sqrt(head width)) over the keys (N * G channels, model by model; every
+      (query, key) pair of every example a sample), on which :func:`zipjax.compute_merges`
+      pairs the layer's heads. None otherwise.
   """
 
   count: jax.Array
   mean: jax.Array
   m2: jax.Array
+  heads: FeatureStats | None = None
 
   @property
   def covariance(self) -> jax.Array:
@@ -151,6 +158,23 @@ def _update_space(stats: FeatureStats, spec: spec_lib.Spec, name: str,
   return _merge(stats, b, jnp.concatenate(b_mean), b_m2)
 
 
+def _head_maps(spec: spec_lib.Spec, name: str, point_q: Sequence[jax.Array],
+               point_k: Sequence[jax.Array]) -> jax.Array:
+  """(samples, N * G) attention weights of the G heads of N models, model by model, from the
+  query/key space ``name``'s two captures (per model, (batch, ..., width) queries and keys):
+  scaled dot-product attention, softmax(q . k / sqrt(head width)) over the keys, every
+  (query, key) pair of an example a sample."""
+  groups = spec.space(name).groups
+  out = []
+  for q, k in zip(point_q, point_k):
+    q = q.astype(jnp.float32).reshape(q.shape[0], -1, groups, q.shape[-1] // groups)
+    k = k.astype(jnp.float32).reshape(k.shape[0], -1, groups, k.shape[-1] // groups)
+    logits = jnp.einsum("bqhd,bkhd->bqkh", q, k, precision=jax.lax.Precision.HIGHEST)
+    weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]).astype(np.float32), axis=2)
+    out.append(weights.reshape(-1, groups))
+  return jnp.concatenate(out, -1)
+
+
 def _features(spec: spec_lib.Spec, models: Sequence[Any], x: Any) -> dict:
   """{space: [per capture point: [one (batch, ..., width) capture per model]]} of N models,
   one pass per model.
@@ -172,7 +196,12 @@ def _stats_step(spec, names, out_sharding, stats, models, x):
     raise SpecError(f"The model captured no features for spaces {missing} (captured: "
                     f"{sorted(feats)}). Call zipjax.spec.capture(self, name, x) after the "
                     "activation of each space.")
-  new = {n: _update_space(stats[n], spec, n, feats[n]) for n in names}
+  new = {}
+  for n in names:
+    new[n] = _update_space(stats[n], spec, n, feats[n])
+    if stats[n].heads is not None:
+      new[n] = new[n]._replace(heads=update_stats(
+          stats[n].heads, _head_maps(spec, n, *feats[n])))
   if out_sharding is not None:
     new = jax.lax.with_sharding_constraint(new, out_sharding)
   return new
@@ -181,7 +210,8 @@ def _stats_step(spec, names, out_sharding, stats, models, x):
 @jax.jit
 def _finite(stats: dict[str, FeatureStats]) -> dict[str, jax.Array]:
   """{space: whether its statistics are finite}, in one program."""
-  return {n: jnp.isfinite(jnp.sum(s.m2) + jnp.sum(s.mean)) for n, s in stats.items()}
+  return {n: jnp.isfinite(sum(jnp.sum(a) for a in jax.tree_util.tree_leaves(s)))
+          for n, s in stats.items()}
 
 
 def _microbatches(x: Any, size: int | None) -> list[Any]:
@@ -210,36 +240,90 @@ def _abstract(tree: Any) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _feature_bytes(spec: spec_lib.Spec, models: tuple, example: tuple) -> int:
-  """Bytes of the float32 features that N models (signature ``models``) capture from one
-  example (signature ``example``), found by tracing, not running, the models."""
+def _capture_shapes(spec: spec_lib.Spec, model: tuple, example: tuple) -> dict:
+  """{space: (the shape of each of its captures, in order)} of a model (signature ``model``)
+  on one example (signature ``example``), found by tracing, not running, the model."""
   shapes = [jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
-            for treedef, leaves in (models, example)]
-  feats = jax.eval_shape(lambda m, x: _features(spec, m, x), *shapes)
-  return 4 * sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(feats))
+            for treedef, leaves in (model, example)]
+  feats = jax.eval_shape(spec.features, *shapes)
+  return {n: tuple(tuple(c.shape) for c in caps) for n, caps in feats.items()}
+
+
+def _example(x: Any) -> Any:
+  """The abstract signature of one example of batch ``x``."""
+  return _abstract(jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype), x))
+
+
+def head_map_spaces(spec: spec_lib.Spec, shapes: dict, names: Sequence[str]) -> tuple:
+  """The spaces among ``names`` whose heads' attention maps the statistics gather: per
+  attention layer (``Space.heads``), its one space captured exactly twice (its queries, then
+  its keys: (batch, ..., width) each, as many examples in both).
+
+  Warns for a layer with a space among ``names`` but no such space (its heads are then
+  paired on their features)."""
+  layers: dict[str, list[str]] = {}
+  for n in names:
+    if spec.space(n).heads is not None:
+      layers.setdefault(spec.space(n).heads, []).append(n)
+  out, why = [], []
+  for layer, spaces in layers.items():
+    found = [n for n in spaces if len(shapes.get(n, ())) == 2
+             and all(len(c) >= 2 for c in shapes[n])]
+    if len(found) == 1:
+      out.append(found[0])
+    elif not found:
+      why.append(f"attention layer {layer!r}: none of its spaces {spaces} is captured "
+                 "exactly twice")
+    else:
+      why.append(f"attention layer {layer!r}: its spaces {found} are each captured twice, "
+                 "so which holds the queries and keys is ambiguous")
+  if why:
+    warnings.warn(
+        "The heads of these attention layers are paired on the similarity of their features "
+        "instead of their attention maps: " + "; ".join(why) + ". Capture each layer's "
+        "queries and then its keys in its query/key space only (zipjax.spec.capture(self, "
+        "space, q), then k), or pass pair_heads='features' to pair every layer's heads on "
+        "their features.", UserWarning, stacklevel=3)
+  return tuple(out)
+
+
+def _feature_bytes(spec: spec_lib.Spec, models: tuple, example: tuple,
+                   map_spaces: Sequence[str] = ()) -> int:
+  """Bytes of the float32 features that N models (signatures ``models``) capture from one
+  example (signature ``example``), with the attention maps of ``map_spaces``."""
+  shapes = _capture_shapes(spec, models[0], example)
+  per_model = sum(math.prod(c) for caps in shapes.values() for c in caps)
+  for n in map_spaces:
+    q, k = shapes[n]
+    per_model += math.prod(q[:-1]) * math.prod(k[1:-1]) * spec.space(n).groups
+  return 4 * len(models) * per_model
 
 
 def auto_microbatch(spec: spec_lib.Spec, models: Sequence[Any], x: Any,
-                    mesh: Mesh | None) -> int | None:
+                    mesh: Mesh | None, map_spaces: Sequence[str] = ()) -> int | None:
   """The part size ``microbatch="auto"`` takes for batches like ``x``: None (whole batches)
   off the CPU; on the CPU, the number of shards of ``mesh`` (1 without one) times the largest
-  power of two of examples whose features take at most ``CPU_STEP_FEATURE_BYTES`` (at least
-  one example a shard)."""
+  power of two of examples whose features (and the attention maps of ``map_spaces``)
+  take at most ``CPU_STEP_FEATURE_BYTES`` (at least one example a shard)."""
   device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
   if device.platform != "cpu":
     return None
-  example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]),
-                                                                   a.dtype), x)
-  per_example = _feature_bytes(spec, _abstract(models), _abstract(example))
+  per_example = _feature_bytes(spec, tuple(_abstract(m) for m in models), _example(x),
+                               tuple(map_spaces))
   fit = max(1, CPU_STEP_FEATURE_BYTES // max(per_example, 1))
   shards = 1 if mesh is None else sharding_lib.num_shards(mesh)
   return shards * (1 << (fit.bit_length() - 1))
 
 
+#: The values of ``pair_heads``: what the heads of attention layers are paired on.
+PAIR_HEADS = ("attention", "features")
+
+
 def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iterable[Any], *,
                   spaces: Sequence[str] | None = None, progress: bool = False,
-                  mesh: Mesh | None = None,
-                  microbatch: int | str | None = "auto") -> dict[str, FeatureStats]:
+                  mesh: Mesh | None = None, microbatch: int | str | None = "auto",
+                  pair_heads: str = "attention") -> dict[str, FeatureStats]:
   """Feature statistics of every space (or of ``spaces``) of N models over ``data``.
 
   Data-parallel: every batch is sharded along its batch axis over the mesh's "data" axis (all
@@ -264,6 +348,11 @@ def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iter
       ``CPU_STEP_FEATURE_BYTES`` (32 MiB) a device (a power of two of examples, see
       :func:`auto_microbatch`; the measurements behind the rule are in docs/design.md,
       Statistics). Batches already placed across processes are taken whole.
+    pair_heads: what the heads of attention layers are paired on (see
+      :func:`zipjax.compute_merges`). "attention" (the default): the statistics of each
+      layer's query/key space also gather its heads' attention maps (``FeatureStats.heads``;
+      a layer whose queries and keys are not its query/key space's two captures is reported
+      with a warning and paired on its features). "features": only the spaces' features.
 
   Returns:
     {space: FeatureStats} over the N * width concatenated channels, as arrays on one device.
@@ -272,7 +361,8 @@ def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iter
     DataError: the data is empty or one-shot, or a space's features are not finite.
     SpecError: ``spaces`` names a space the spec does not have, or the model captures no
       features for one.
-    ValueError: ``microbatch`` is not a positive int, "auto" or None.
+    ValueError: ``microbatch`` is not a positive int, "auto" or None, or ``pair_heads`` is
+      not one of ``PAIR_HEADS``.
     TypeError: a spec is passed where the models go, or the reverse.
   """
   spec_lib.check_order(variables_list, spec, "compute_stats(variables_list, spec, data)")
@@ -285,21 +375,32 @@ def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iter
       or microbatch < 1):
     raise ValueError(f"microbatch must be a positive int, 'auto' or None (whole batches), "
                      f"got {microbatch!r}.")
+  if pair_heads not in PAIR_HEADS:
+    raise ValueError(f"pair_heads must be one of {PAIR_HEADS}, got {pair_heads!r}.")
   num = len(variables_list)
   mesh = sharding_lib.resolve_mesh(mesh)
   models = tuple(spec_lib._model_vars(v) for v in variables_list)
-  stats = {n: init_stats(num * spec.width(n)) for n in names}
   out_sharding: NamedSharding | None = None
   if mesh is not None:
     out_sharding = sharding_lib.replicated(mesh)
-    models, stats = sharding_lib.replicate((models, stats), mesh)
   batches = data_lib.iterate(data, what="feature statistics")
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, desc="feature statistics", leave=False)
+  stats = None
   for x in batches:
-    if auto:  # sized on the first batch
-      microbatch, auto = auto_microbatch(spec, models, x, mesh), False
+    if stats is None:  # set up on the first batch
+      map_spaces = ()
+      if pair_heads == "attention" and any(spec.space(n).heads is not None for n in names):
+        shapes = _capture_shapes(spec, _abstract(models[0]), _example(x))
+        map_spaces = head_map_spaces(spec, shapes, names)
+      stats = {n: init_stats(num * spec.width(n)) for n in names}
+      for n in map_spaces:
+        stats[n] = stats[n]._replace(heads=init_stats(num * spec.space(n).groups))
+      if mesh is not None:
+        models, stats = sharding_lib.replicate((models, stats), mesh)
+      if auto:
+        microbatch = auto_microbatch(spec, models, x, mesh, map_spaces)
     for chunk in _microbatches(x, microbatch):
       for part in ([chunk] if mesh is None else sharding_lib.split_batch(chunk, mesh)):
         stats = _stats_step(spec, names, out_sharding, stats, models, part)

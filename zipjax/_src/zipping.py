@@ -34,8 +34,11 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
     matcher: a per-space matcher (default ``zipjax.match.greedy()``).
     spec: the models' spec: spaces in groups (``Space.groups``) are matched group by group,
       and the spaces of one attention layer (``Space.heads``) within groups of heads paired
-      across models (:func:`zipjax.match.pair_groups`, on all of the layer's spaces in
-      ``stats``). Without it every space is matched whole.
+      across models (:func:`zipjax.match.pair_groups`) on the correlation of the heads'
+      attention maps where the statistics hold them (``FeatureStats.heads``, gathered by
+      ``compute_stats(..., pair_heads="attention")``, the default), else on the similarity
+      of the features of all of the layer's spaces in ``stats``. Without it every space is
+      matched whole.
     groups: {space: number of groups}, for a caller without a spec (ignored with one).
     progress: show a tqdm progress bar.
 
@@ -57,8 +60,14 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
   pairings = {}
   for layer in dict.fromkeys(heads.values()):
     names = [n for n, h in heads.items() if h == layer]
-    pairings[layer] = match_lib.pair_groups(matcher, [corrs[n] for n in names],
-                                            num_models=num_models, groups=groups[names[0]])
+    maps = next((stats[n].heads for n in names if stats[n].heads is not None), None)
+    if maps is not None:
+      pairings[layer] = match_lib.pair_groups(matcher, num_models=num_models,
+                                              groups=groups[names[0]],
+                                              similarity=corr_of(maps))
+    else:
+      pairings[layer] = match_lib.pair_groups(matcher, [corrs[n] for n in names],
+                                              num_models=num_models, groups=groups[names[0]])
   items = corrs.items()
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -72,7 +81,8 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
 def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: Iterable[Any],
              matcher: Callable | None = None, stop_at: str | None = None,
              reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-             microbatch: int | str | None = "auto", mode: str = "zipjax") -> Any:
+             microbatch: int | str | None = "auto", mode: str = "zipjax",
+             pair_heads: str = "attention") -> Any:
   """Merges N >= 2 models of one architecture into one, without training.
 
   The arguments are those of :func:`zipjax.zip`, with ``models`` a sequence of N variables
@@ -88,6 +98,8 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
   if len(models) < 2:
     raise ValueError(f"Zipping needs at least 2 models, got {len(models)}.")
   data_lib.check_form(data)
+  if pair_heads not in stats_lib.PAIR_HEADS:
+    raise ValueError(f"pair_heads must be one of {stats_lib.PAIR_HEADS}, got {pair_heads!r}.")
   if matcher is not None:
     match_lib.check_matcher(matcher)
   official = _check_mode(mode, matcher)
@@ -120,7 +132,7 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
     merges = matcher(spec, models, spaces=spaces)
   else:
     stats = stats_lib.compute_stats(models, spec, data, spaces=spaces, progress=progress,
-                                    mesh=mesh, microbatch=microbatch)
+                                    mesh=mesh, microbatch=microbatch, pair_heads=pair_heads)
     merges = compute_merges(stats, num_models=len(models), matcher=matcher, spec=spec,
                             progress=progress)
   merged = apply_lib.apply_merges(models, spec, merges, stop_at=stop_at,
@@ -151,7 +163,8 @@ def _check_mode(mode: str, matcher: Callable | None) -> bool:
 def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pylint: disable=redefined-builtin
         data: Iterable[Any], matcher: Callable | None = None, stop_at: str | None = None,
         reset_bn: bool = True, progress: bool = False, mesh: Mesh | None = None,
-        microbatch: int | str | None = "auto", mode: str = "zipjax") -> Any:
+        microbatch: int | str | None = "auto", mode: str = "zipjax",
+        pair_heads: str = "attention") -> Any:
   """Merges two models trained separately into one model (ZipIt!), without training.
 
   Feature statistics of every space are computed over ``data``; the matcher pairs each
@@ -189,7 +202,14 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
       matcher here, and the only kind accepted), each BatchNorm layer's scale, bias, mean and
       variance merged by themselves (``apply_merges(..., batchnorm="leaves")``), and with
       ``reset_bn`` the source models are reset on ``data`` first and every reset is PyTorch's
-      (each batch weighing the same, unbiased variance). The docs' departure table says where and why the default differs.
+      (each batch weighing the same, unbiased variance). The docs' departure table says where
+      and why the default differs.
+    pair_heads: what the heads of each attention layer (``Space.heads``) are paired across
+      models on: ``"attention"`` (the default), the correlation of the heads' attention maps
+      (scaled dot-product attention's weights from the captured queries and keys, every
+      (query, key) pair of the calibration data a sample); ``"features"``, the similarity of
+      their query/key and value features. Either way each space is then matched
+      within the paired heads. Models without attention ignore it.
 
   Returns:
     A full zip: merged variables with the structure, shapes and dtypes of ``model_a`` (an NNX
@@ -217,4 +237,4 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
   """
   return zip_many([model_a, model_b], spec, data=data, matcher=matcher, stop_at=stop_at,
                   reset_bn=reset_bn, progress=progress, mesh=mesh, microbatch=microbatch,
-                  mode=mode)
+                  mode=mode, pair_heads=pair_heads)
