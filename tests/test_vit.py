@@ -433,3 +433,48 @@ def test_auto_microbatch_counts_the_attention_maps(vit):
   tokens = (16 // 8) ** 2 + 1  # patches and the class token
   assert stats_lib._feature_bytes(spec, sig, example, qk) == (
       plain + 4 * 2 * DEPTH * HEADS * tokens * tokens)
+
+
+def test_by_space_matches_each_space_with_its_matcher(vit):
+  """by_space: the named spaces with their matchers, the others with the default, heads
+  paired with the matcher of the layer's first space; the same merges as matching each
+  space's statistics alone with its matcher."""
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x])
+  matcher = match.by_space({"stream": match.permute(), "block1_mlp": match.identity()})
+  got = zipjax.compute_merges(stats, num_models=2, spec=spec, matcher=matcher)
+  greedy = zipjax.compute_merges(stats, num_models=2, spec=spec)
+  for name, want in [("stream", match.permute()), ("block1_mlp", match.identity())]:
+    ref = want(np.asarray(zipjax.correlation(stats[name])), num_models=2)
+    np.testing.assert_array_equal(got[name].groups, ref.groups)
+  for name in set(stats) - {"stream", "block1_mlp"}:
+    np.testing.assert_array_equal(got[name].groups, greedy[name].groups)
+
+
+def test_by_space_in_the_experiment_is_the_library(vit):
+  """The experiment's "residual stream by permute" with heads paired on attention maps is
+  zip(..., matcher=by_space({"stream": permute()}))'s merges."""
+  from experiments import attention_heads  # pylint: disable=import-outside-toplevel
+  _, spec, x, va, vb = vit
+  stats = zipjax.compute_stats([va, vb], spec, [x])
+  want = attention_heads.pairing_merges(on=("maps",), matchers={"stream": match.permute()})(
+      stats, spec, [va, vb], [x])
+  got = zipjax.compute_merges(stats, num_models=2, spec=spec,
+                              matcher=match.by_space({"stream": match.permute()}))
+  for name in want:
+    np.testing.assert_array_equal(got[name].groups, want[name].groups)
+
+
+def test_by_space_refuses_what_it_cannot_use(vit):
+  model, spec, x, va, vb = vit
+  with pytest.raises(ValueError, match=r"by_space names spaces \['steam'\].*'stream'"):
+    zipjax.zip(va, vb, spec, data=[x], matcher=match.by_space({"steam": match.permute()}))
+  with pytest.raises(TypeError, match="call it to get one"):
+    match.by_space({"stream": match.permute})
+  with pytest.raises(TypeError, match="per-space matchers"):
+    match.by_space({"stream": match.weight_matching()})
+  assert match.by_space({"stream": match.permute()}).__name__ == (
+      "by_space({'stream': permute()}, default=greedy(alpha=0.5, beta=0.5))")
+  merged = zipjax.zip(va, va, spec, data=[x], matcher=match.by_space(
+      {"stream": match.permute()}))  # a self-merge stays exact
+  assert _max_diff(model, merged, va, x) < 1e-5

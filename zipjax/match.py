@@ -1,5 +1,7 @@
 """Matchers (factories returning ``matcher(corr, *, num_models) -> Merge``) and merges."""
 
+from zipjax._src.match import by_space
+from zipjax._src.match import BySpace
 from zipjax._src.match import greedy
 from zipjax._src.match import greedy_reference
 from zipjax._src.match import group_similarity
@@ -24,6 +26,8 @@ from zipjax._src.match import same_model_budget
 from zipjax._src.weight_matching import weight_matching
 
 __all__ = (
+    "by_space",
+    "BySpace",
     "DenseMerge",
     "greedy",
     "greedy_reference",

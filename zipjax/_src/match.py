@@ -17,7 +17,7 @@ import inspect
 import itertools
 import math
 import numbers
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import scipy.optimize
@@ -64,9 +64,69 @@ class WholeModelMatcher:
     return self.name
 
 
+@dataclasses.dataclass(frozen=True)
+class BySpace:
+  """Per-space matchers chosen by space name (see :func:`by_space`): ``compute_merges`` and
+  ``zip`` match space ``s`` with ``matcher_for(s)``, and pair an attention layer's heads with
+  the matcher of its first space."""
+
+  matchers: tuple[tuple[str, Callable], ...]
+  default: Callable
+
+  def matcher_for(self, space: str) -> Callable:
+    """The matcher of ``space``."""
+    return dict(self.matchers).get(space, self.default)
+
+  def check_spaces(self, names: Sequence[str]) -> None:
+    """Raises ValueError if a space this names is not among ``names``."""
+    unknown = [s for s, _ in self.matchers if s not in names]
+    if unknown:
+      raise ValueError(f"by_space names spaces {unknown} that the models do not have; their "
+                       f"spaces are {list(names)}.")
+
+  @property
+  def __name__(self) -> str:  # like the per-space matchers, which are functions
+    parts = [f"{s!r}: {describe(m)}" for s, m in self.matchers]
+    return f"by_space({{{', '.join(parts)}}}, default={describe(self.default)})"
+
+  def __repr__(self) -> str:
+    return self.__name__
+
+
+def by_space(matchers: Mapping[str, Callable], *, default: Callable | None = None) -> BySpace:
+  """Different per-space matchers for different spaces.
+
+  Arguments:
+    matchers: {space name: matcher}, e.g. ``{"stream": zipjax.match.permute()}``: those
+      spaces are matched with those matchers.
+    default: the matcher of every other space (default ``greedy()``).
+
+  Returns:
+    A :class:`BySpace` for ``zipjax.zip(..., matcher=)`` and ``zipjax.compute_merges``, which
+    refuse it if it names a space the models do not have.
+
+  Raises:
+    TypeError: a matcher is not a per-space matcher (a factory not called, a whole-model
+      matcher, another by_space).
+
+  Example::
+
+    # ViTs: the residual stream one to one, the rest (heads, MLPs) zipped.
+    matcher = zipjax.match.by_space({"stream": zipjax.match.permute()})
+    merged = zipjax.zip(va, vb, spec, data=batches, matcher=matcher)
+  """
+  default = default if default is not None else greedy()
+  pairs = tuple((str(s), m) for s, m in dict(matchers).items())
+  for m in (default, *(m for _, m in pairs)):
+    if isinstance(m, (WholeModelMatcher, BySpace)):
+      raise TypeError(f"by_space takes per-space matchers; got {describe(m)}, which is not.")
+    check_matcher(m)
+  return BySpace(pairs, default)
+
+
 def check_matcher(matcher: Any) -> None:
   """Raises TypeError for something that is not a matcher, e.g. an uncalled factory."""
-  if isinstance(matcher, WholeModelMatcher):
+  if isinstance(matcher, (WholeModelMatcher, BySpace)):
     return
   name = getattr(matcher, "__name__", type(matcher).__name__)
   if not callable(matcher):

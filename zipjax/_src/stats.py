@@ -158,21 +158,27 @@ def _update_space(stats: FeatureStats, spec: spec_lib.Spec, name: str,
   return _merge(stats, b, jnp.concatenate(b_mean), b_m2)
 
 
-def _head_maps(spec: spec_lib.Spec, name: str, point_q: Sequence[jax.Array],
-               point_k: Sequence[jax.Array]) -> jax.Array:
-  """(samples, N * G) attention weights of the G heads of N models, model by model, from the
-  query/key space ``name``'s two captures (per model, (batch, ..., width) queries and keys):
-  scaled dot-product attention, softmax(q . k / sqrt(head width)) over the keys, every
-  (query, key) pair of an example a sample."""
+def _update_head_maps(stats: FeatureStats, spec: spec_lib.Spec, name: str,
+                      point_q: Sequence[jax.Array], point_k: Sequence[jax.Array]) -> FeatureStats:
+  """Merges the attention weights of the G heads of N models (N * G channels, model by
+  model) into ``stats``, from the query/key space ``name``'s two captures (per model,
+  (batch, ..., width) queries and keys): scaled dot-product attention, softmax(q . k /
+  sqrt(head width)) over the keys, every (query, key) pair of an example a sample. The maps
+  stay (batch, head, query, key), the softmax along their minor axis, and the moments
+  contract every axis but the heads'."""
   groups = spec.space(name).groups
-  out = []
+  maps = []
   for q, k in zip(point_q, point_k):
     q = q.astype(jnp.float32).reshape(q.shape[0], -1, groups, q.shape[-1] // groups)
     k = k.astype(jnp.float32).reshape(k.shape[0], -1, groups, k.shape[-1] // groups)
-    logits = jnp.einsum("bqhd,bkhd->bqkh", q, k, precision=jax.lax.Precision.HIGHEST)
-    weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]).astype(np.float32), axis=2)
-    out.append(weights.reshape(-1, groups))
-  return jnp.concatenate(out, -1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+    maps.append(jax.nn.softmax(logits / np.sqrt(q.shape[-1]).astype(np.float32), axis=-1))
+  maps = jnp.concatenate(maps, 1)
+  b = maps.shape[0] * maps.shape[2] * maps.shape[3]
+  b_mean = maps.mean((0, 2, 3))
+  centred = maps - b_mean[None, :, None, None]
+  b_m2 = jnp.einsum("bhqk,bgqk->hg", centred, centred, precision=jax.lax.Precision.HIGHEST)
+  return _merge(stats, b, b_mean, b_m2)
 
 
 def _features(spec: spec_lib.Spec, models: Sequence[Any], x: Any) -> dict:
@@ -200,8 +206,7 @@ def _stats_step(spec, names, out_sharding, stats, models, x):
   for n in names:
     new[n] = _update_space(stats[n], spec, n, feats[n])
     if stats[n].heads is not None:
-      new[n] = new[n]._replace(heads=update_stats(
-          stats[n].heads, _head_maps(spec, n, *feats[n])))
+      new[n] = new[n]._replace(heads=_update_head_maps(stats[n].heads, spec, n, *feats[n]))
   if out_sharding is not None:
     new = jax.lax.with_sharding_constraint(new, out_sharding)
   return new

@@ -31,7 +31,8 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
   Arguments:
     stats: {space: FeatureStats} of the N models.
     num_models: N.
-    matcher: a per-space matcher (default ``zipjax.match.greedy()``).
+    matcher: a per-space matcher (default ``zipjax.match.greedy()``), or one per space
+      (``zipjax.match.by_space``).
     spec: the models' spec: spaces in groups (``Space.groups``) are matched group by group,
       and the spaces of one attention layer (``Space.heads``) within groups of heads paired
       across models (:func:`zipjax.match.pair_groups`) on the correlation of the heads'
@@ -47,33 +48,45 @@ def compute_merges(stats: Mapping[str, stats_lib.FeatureStats], *, num_models: i
   """
   matcher = matcher or match_lib.greedy()
   match_lib.check_matcher(matcher)
+  if isinstance(matcher, match_lib.WholeModelMatcher):
+    raise TypeError(f"compute_merges takes per-space matchers; {matcher.name} reads the "
+                    "models' weights: call it as matcher(spec, variables_list, spaces=...).")
   heads: dict[str, str] = {}
   if spec is not None:
     groups = {s.name: s.groups for s in spec.spaces}
     heads = {s.name: s.heads for s in spec.spaces if s.heads is not None and s.name in stats}
   groups = groups or {}
-  if isinstance(matcher, match_lib.OwnCorrelation):
-    corr_of = lambda s: matcher.correlation(np.asarray(s.covariance))  # noqa: E731
+  if isinstance(matcher, match_lib.BySpace):
+    matcher.check_spaces(spec.space_names if spec is not None else list(stats))
+    matcher_of = matcher.matcher_for
   else:
-    corr_of = lambda s: np.asarray(stats_lib.correlation(s))  # noqa: E731
-  corrs = {name: corr_of(s) for name, s in stats.items()}
+    matcher_of = lambda name: matcher  # noqa: E731
+
+  def corr_of(name, s):
+    m = matcher_of(name)
+    if isinstance(m, match_lib.OwnCorrelation):
+      return m.correlation(np.asarray(s.covariance))
+    return np.asarray(stats_lib.correlation(s))
+
+  corrs = {name: corr_of(name, s) for name, s in stats.items()}
   pairings = {}
   for layer in dict.fromkeys(heads.values()):
     names = [n for n, h in heads.items() if h == layer]
     maps = next((stats[n].heads for n in names if stats[n].heads is not None), None)
+    pair_with = matcher_of(names[0])
     if maps is not None:
-      pairings[layer] = match_lib.pair_groups(matcher, num_models=num_models,
+      pairings[layer] = match_lib.pair_groups(pair_with, num_models=num_models,
                                               groups=groups[names[0]],
-                                              similarity=corr_of(maps))
+                                              similarity=corr_of(names[0], maps))
     else:
-      pairings[layer] = match_lib.pair_groups(matcher, [corrs[n] for n in names],
+      pairings[layer] = match_lib.pair_groups(pair_with, [corrs[n] for n in names],
                                               num_models=num_models, groups=groups[names[0]])
   items = corrs.items()
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     items = tqdm.tqdm(items, desc="matching", leave=False)
   return {name: match_lib.match_in_groups(
-              matcher, corr, num_models=num_models, groups=groups.get(name, 1),
+              matcher_of(name), corr, num_models=num_models, groups=groups.get(name, 1),
               pairing=pairings.get(heads.get(name)))
           for name, corr in items}
 
@@ -183,8 +196,9 @@ def zip(model_a: Any, model_b: Any, spec: spec_lib.Spec | None = None, *,  # pyl
       input array with a leading batch axis, an (inputs, labels) tuple, or a dict with an
       'image', 'x' or 'inputs' entry). zip passes over it twice.
     matcher: a per-space matcher such as ``zipjax.match.greedy()`` (the default, alpha =
-      beta = 0.5) or ``zipjax.match.permute()``, or a whole-model matcher such as
-      ``zipjax.match.weight_matching()``.
+      beta = 0.5) or ``zipjax.match.permute()``, one per space
+      (``zipjax.match.by_space({"stream": zipjax.match.permute()})``), or a whole-model
+      matcher such as ``zipjax.match.weight_matching()``.
     stop_at: a partial zip: merge the spaces up to this stop point (``spec.stop_points``)
       and keep the rest of each model as its own head.
     reset_bn: recompute the merged model's BatchNorm statistics over ``data``.
