@@ -1,10 +1,11 @@
 """How to merge attention heads: the candidates, on trained ViT pairs.
 
 Every variant zips the pairs fully with ZipIt!'s greedy matcher within heads; they differ in
-how the heads are paired across models (``zipjax.match.pair_groups``): on the similarity of
-the heads' queries and keys and of their values together (zipjax's default), on either
-alone, one to one across models (a linear assignment: no two heads of one model merged), or
-not at all (head g with head g); and against them attention left unmerged. Writes
+how the heads are paired across models (``zipjax.match.pair_groups``): on the correlation of
+their attention maps (zipjax's default), on the similarity of the heads' queries and keys
+and of their values together or of either alone, one to one across
+models (a linear assignment: no two heads of one model merged), or not at all (head g with
+head g); and against them attention left unmerged and Permute. Writes
 ``attention_heads.{csv,md}`` (every variant, mean ± std over pairs; each run's rows kept in
 ``attention_heads_runs/``, so that a variant added later is evaluated alone; delete them
 when the source models are trained again):
@@ -34,9 +35,10 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
   """``merges(stats, spec, sources, calibration)``: greedy within heads, the heads of each
   attention layer paired by ``heads`` (default: the greedy matcher) on the similarity of the
   layer's spaces whose names end with one of ``on`` ("qk", "vo"), or with ``on=("maps",)`` on
-  the correlation of the heads' attention maps (:func:`attention_maps`). ``matchers`` ({space name suffix:
-  matcher}, e.g. ``{"stream": match.permute()}``) replaces greedy for the spaces whose names
-  end with a key."""
+  the correlation of the heads' attention maps (the statistics' ``FeatureStats.heads``, as
+  ``zipjax.zip`` pairs them by default). ``matchers`` ({space name suffix: matcher}, e.g.
+  ``{"stream": match.permute()}``) replaces greedy for the spaces whose names end with a
+  key."""
   greedy = match.greedy()
   heads = heads or greedy
   matchers = dict(matchers or {})
@@ -45,8 +47,8 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
     return next((m for k, m in matchers.items() if name.endswith(k)), greedy)
 
   def merges(stats, spec, sources, calibration):
+    del calibration  # everything is in the statistics
     num_models = len(sources)
-    maps = attention_maps(spec, sources, calibration) if on == ("maps",) else None
     out = {}
     for name, s in stats.items():
       if spec.space(name).heads is None:
@@ -59,12 +61,13 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
     for names in layers.values():
       corr = {n: np.asarray(zipjax.correlation(stats[n])) for n in names}
       groups = spec.space(names[0]).groups
-      if maps is None:
+      if on == ("maps",):
+        maps = next(stats[n].heads for n in names if stats[n].heads is not None)
+        pairing = match.pair_groups(heads, num_models=num_models, groups=groups,
+                                    similarity=np.asarray(zipjax.correlation(maps)))
+      else:
         pairing = match.pair_groups(heads, [corr[n] for n in names if n.endswith(tuple(on))],
                                     num_models=num_models, groups=groups)
-      else:  # the heads' attention maps, correlated like features
-        pairing = np.asarray(heads(maps[spec.space(names[0]).heads],
-                                   num_models=num_models).groups)
       for n in names:
         out[n] = match.match_in_groups(matcher_of(n), corr[n], num_models=num_models,
                                        groups=groups, pairing=pairing)
@@ -73,42 +76,18 @@ def pairing_merges(*, on: Sequence[str], heads: Callable | None = None,
   return merges
 
 
-def attention_maps(spec, sources, calibration) -> dict:
-  """{attention layer: (N * h, N * h) correlation of the models' heads' attention maps} on the
-  first calibration batch, from the layer's queries and keys (its query/key space's two
-  captures, in that order)."""
-  x = next(iter(calibration))
-  x = x[0] if isinstance(x, tuple) else x
-  maps = {}
-  for variables in sources:
-    feats = spec.features(variables, x)
-    for s in spec.spaces:
-      if s.heads is None or not s.name.endswith("qk"):
-        continue
-      q, k = (np.asarray(a, np.float64) for a in feats[s.name])
-      b, t, width = q.shape
-      q = q.reshape(b, t, s.groups, width // s.groups)
-      k = k.reshape(b, t, s.groups, width // s.groups)
-      logits = np.einsum("bqhd,bkhd->hbqk", q, k) / np.sqrt(width // s.groups)
-      logits -= logits.max(-1, keepdims=True)
-      weights = np.exp(logits)
-      weights /= weights.sum(-1, keepdims=True)
-      maps.setdefault(s.heads, []).append(weights.reshape(s.groups, -1))
-  return {layer: np.corrcoef(np.concatenate(m)) for layer, m in maps.items()}
-
-
 def variant_methods(num_models: int) -> list[eval_lib.Method]:
   """The sources, every variant (a full zip), the ensemble."""
   names = "ABCDEFGH"
   out = [eval_lib.Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
   out += [
-      eval_lib.Method("heads paired on Q/K and V/O (default)", "merge", match.greedy()),
+      eval_lib.Method("heads paired on Q/K and V/O", "merge", match.greedy(),
+                      pair_heads="features"),
+      eval_lib.Method("heads paired on attention maps (default)", "merge", match.greedy()),
       eval_lib.Method("heads paired on Q/K", "merge", merges=pairing_merges(on=("qk",))),
       eval_lib.Method("heads paired on V/O", "merge", merges=pairing_merges(on=("vo",))),
       eval_lib.Method("heads paired one to one (permute)", "merge",
                       merges=pairing_merges(on=("qk", "vo"), heads=match.permute())),
-      eval_lib.Method("heads paired on attention maps", "merge",
-                      merges=pairing_merges(on=("maps",))),
       eval_lib.Method("heads paired on attention maps, one to one", "merge",
                       merges=pairing_merges(on=("maps",), heads=match.permute())),
       eval_lib.Method("heads paired on attention maps, residual stream by permute", "merge",
@@ -122,8 +101,11 @@ def variant_methods(num_models: int) -> list[eval_lib.Method]:
                                             matchers={"qk": match.permute(),
                                                       "vo": match.permute(),
                                                       "mlp": match.permute()})),
-      eval_lib.Method("greedy, beta 0.25", "merge", match.greedy(beta=0.25)),
-      eval_lib.Method("Permute (heads and features one to one)", "merge", match.permute()),
+      eval_lib.Method("greedy, beta 0.25", "merge", match.greedy(beta=0.25),
+                      pair_heads="features"),
+      eval_lib.Method("Permute, heads paired on Q/K and V/O", "merge", match.permute(),
+                      pair_heads="features"),
+      eval_lib.Method("Permute, heads paired on attention maps", "merge", match.permute()),
       eval_lib.Method("attention unmerged", "merge", match.greedy(), attention="unmerged"),
       eval_lib.Method("Ensemble", "ensemble"),
   ]

@@ -30,7 +30,8 @@ class Method:
   and ``mode``; ``capture="last"`` takes each space's features where it is last captured,
   :func:`zipjax.spec.last_captures`; ``attention`` see :data:`ATTENTION`; ``merges``, if
   given, ``merges(stats, spec, sources, calibration) -> {space: Merge}`` replaces
-  :func:`zipjax.compute_merges` in a full zip's steps) or 'ensemble'.
+  :func:`zipjax.compute_merges` in a full zip's steps; ``pair_heads`` is ``zipjax.zip``'s)
+  or 'ensemble'.
   """
 
   name: str
@@ -42,6 +43,7 @@ class Method:
   capture: str = "every"
   attention: str = "heads"
   merges: Callable | None = None
+  pair_heads: str = "attention"
 
 
 #: How a merge treats a spec's attention heads (``Space.heads``): "heads" pairs them across
@@ -96,8 +98,9 @@ def table_methods(num_models: int, *,
                   beta: float = 0.5) -> list[Method]:
   """The rows of the paper's Table 1, in its order: each source model, then of ``methods``
   W.Avg, Git Re-Basin (2 models only), Permute, ZipIt! at each of ``stop_points`` (None: the
-  full zip), ZipIt! in the reference mode (official alpha and beta) at each of them, and the
-  ensemble."""
+  full zip), ZipIt! with its space "stream" matched by Permute ("zipit_stream_permute"),
+  with attention heads in place or unmerged, ZipIt! in the reference mode at each of them,
+  and the ensemble."""
   names = "ABCDEFGH"
   out = [Method(f"Model {names[m]}", "source", index=m) for m in range(num_models)]
   for key, (label, factory) in _MERGE_ROWS.items():
@@ -108,6 +111,13 @@ def table_methods(num_models: int, *,
     for stop in stop_points:
       name = "ZipIt! (full)" if stop is None else f"ZipIt! (partial, {stop})"
       out.append(Method(name, "merge", zipit, stop_at=stop))
+  if "zipit_stream_permute" in methods:  # transformers: see experiments/results/cifar10_vit_clip
+    for stop in stop_points:
+      where = "full" if stop is None else f"partial, {stop}"
+      out.append(Method(f"ZipIt! stream by permute ({where})", "merge",
+                        match.by_space({"stream": match.permute()},
+                                       default=match.greedy(alpha=alpha, beta=beta)),
+                        stop_at=stop))
   for key, attention, label in (("zipit_heads_in_place", "in_place", "heads in place"),
                                 ("zipit_attention_unmerged", "unmerged",
                                  "attention unmerged")):
@@ -204,13 +214,15 @@ def evaluate_methods(spec: zipjax.Spec, sources: Sequence[Any], *, tasks: Sequen
       if method.capture == "last":
         merge_spec = zipjax.spec.last_captures(merge_spec)
       if method.merges is not None:  # the steps of a full zip, with its own merges
-        stats = zipjax.compute_stats(sources, merge_spec, calibration)
+        stats = zipjax.compute_stats(sources, merge_spec, calibration,
+                                     pair_heads=method.pair_heads)
         model = zipjax.apply_merges(sources, merge_spec,
                                     method.merges(stats, merge_spec, sources, calibration))
         model = zipjax.reset_batchnorm(model, merge_spec, calibration)
       else:
         model = zipjax.zip_many(sources, merge_spec, data=calibration, matcher=method.matcher,
-                                stop_at=method.stop_at, mode=method.mode)
+                                stop_at=method.stop_at, mode=method.mode,
+                                pair_heads=method.pair_heads)
     else:
       raise ValueError(f"Unknown method kind {method.kind!r} in {method}.")
     jax.block_until_ready(model)
@@ -306,8 +318,32 @@ def read_rows(path: str) -> list[Row]:
             for r in reader]
 
 
+def pairs_table(rows: Sequence[Row], *, metric: str = "joint") -> str:
+  """Markdown: ``metric`` ("joint" or "avg", in %) of every method, a column per pair and
+  their mean, the best merged model of each pair (not a source, not the ensemble) in bold:
+  whether a method wins in every pair or on average only."""
+  pairs = sorted({r.pair for r in rows})
+  value = {(r.method, r.pair): 100 * (r.joint if metric == "joint" else r.task_avg)
+           for r in rows}
+  methods = list(dict.fromkeys(r.method for r in rows))
+  merged = [m for m in methods if not m.startswith("Model ") and m != "Ensemble"]
+  best = {p: max(merged, key=lambda m, p=p: value.get((m, p), -1.0)) for p in pairs
+          } if merged else {}
+  lines = [f"| {metric} | " + " | ".join(f"pair {p}" for p in pairs) + " | mean |",
+           "|---|" + "---|" * (len(pairs) + 1)]
+  for m in methods:
+    cells = [("—" if (m, p) not in value else
+              f"**{value[(m, p)]:.1f}**" if best.get(p) == m else f"{value[(m, p)]:.1f}")
+             for p in pairs]
+    mean = np.mean([value[(m, p)] for p in pairs if (m, p) in value])
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean:.1f} |")
+  return "\n".join(lines)
+
+
 def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> str:
-  """Writes every row (CSV), the mean ± std table (CSV and Markdown); returns the Markdown."""
+  """Writes every row (CSV), the mean ± std table (CSV and Markdown) and, for rows of
+  several pairs, each pair's joint accuracy (``{name}_pairs.md``, :func:`pairs_table`);
+  returns the mean ± std Markdown."""
   os.makedirs(out_dir, exist_ok=True)
   write_rows(rows, os.path.join(out_dir, f"{name}_rows.csv"))
   summary = summarise(rows)
@@ -321,6 +357,9 @@ def write_table(rows: Sequence[Row], out_dir: str, *, name: str = "results") -> 
   md = markdown_table(summary)
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(md + "\n")
+  if len({r.pair for r in rows}) > 1:
+    with open(os.path.join(out_dir, f"{name}_pairs.md"), "w") as f:
+      f.write(pairs_table(rows) + "\n")
   return md
 
 
@@ -390,6 +429,11 @@ def evaluate_matchers(spec: zipjax.Spec, sources: Sequence[Any], *,
   call). Per-space matchers see the same correlations ``zipjax.zip_many`` gives them, so a
   variant's accuracy equals :func:`evaluate_methods`' for the same matcher and stop point.
   """
+  grouped = [s.name for s in spec.spaces if s.groups > 1]
+  if grouped:
+    raise ValueError(f"evaluate_matchers matches every space whole, but spaces {grouped[:4]} "
+                     "are matched in groups (GroupNorm groups or attention heads); evaluate "
+                     "such models with evaluate_methods, whose zips match them in groups.")
   sources = [zipjax.reset_batchnorm(v, spec, calibration) for v in sources]
   num = len(sources)
 

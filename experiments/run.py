@@ -247,8 +247,10 @@ def _rows_path(done: str, config, run_index: int, group: int) -> str:
 def _method_digest(method: eval_lib.Method) -> str:
   """A digest of what a method does (its matcher by its name, which says its options), so
   that a kept row is taken only for the method that made it, not another of the same name."""
-  return _digest({f.name: _name_of(getattr(method, f.name))
-                  for f in dataclasses.fields(method)})
+  fields = {f.name: _name_of(getattr(method, f.name)) for f in dataclasses.fields(method)}
+  if fields["pair_heads"] == "attention":  # added later: at its default, rows kept before
+    del fields["pair_heads"]               # it (models without attention) keep their digests
+  return _digest(fields)
 
 
 def _digest(obj) -> str:
@@ -286,10 +288,12 @@ def _rows_of(done, config, run_index, group, methods, pair, evaluate) -> list[ev
     kept.update((row.method, row) for row in evaluate(missing))
     digests.update(wanted)
     os.makedirs(done, exist_ok=True)
-    names = [m.name for m in methods] + [n for n in kept if n not in wanted]
+    # A kept row of no known method (its digest lost) is dropped, not carried on.
+    names = [m.name for m in methods] + [n for n in kept if n not in wanted and n in digests]
+    kept_digests = {n: digests[n] for n in names}
     eval_lib.write_rows([kept[n] for n in names], path)
     with open(digests_path, "w") as f:
-      json.dump({n: digests[n] for n in names}, f, indent=1, sort_keys=True)
+      json.dump(kept_digests, f, indent=1, sort_keys=True)
   return [kept[m.name] for m in methods]
 
 

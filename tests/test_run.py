@@ -1,6 +1,7 @@
 """The experiment runner end to end on tiny data: train, checkpoint, merge, evaluate, write."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -184,3 +185,54 @@ def test_train_only_then_evaluate_runs_restores_the_models(tmp_path, capsys, mon
 
 def _must_not_run(*args, **kwargs):
   raise AssertionError("evaluated again")
+
+
+def test_method_digest_tells_head_pairings_apart_and_keeps_older_digests():
+  """pair_heads="features" is another method; at its default the digest is the one rows
+  kept before the field existed were stored with."""
+  greedy = eval_lib.Method("ZipIt!", "merge", zipjax.match.greedy())
+  features = dataclasses.replace(greedy, pair_heads="features")
+  assert run_lib._method_digest(greedy) != run_lib._method_digest(features)
+  older = {f.name: run_lib._name_of(getattr(greedy, f.name))
+           for f in dataclasses.fields(greedy) if f.name != "pair_heads"}
+  assert run_lib._method_digest(greedy) == run_lib._digest(older)
+
+
+def test_kept_rows_without_a_digest_are_evaluated_again_and_dropped(tmp_path):
+  """A kept row whose method digest is lost is never taken: it is evaluated again if asked
+  for, and dropped from the file otherwise."""
+  config = configs.load("digits_default")
+  methods = [eval_lib.Method(n, "merge", zipjax.match.greedy()) for n in ("a", "b", "c")]
+  calls = []
+
+  def evaluate(ms):
+    calls.append([m.name for m in ms])
+    return [eval_lib.Row(m.name, 0, 0.5, (0.5, 0.5), 1.0, 1.0) for m in ms]
+
+  done = str(tmp_path)
+  run_lib._rows_of(done, config, 0, 0, methods, 0, evaluate)
+  (digests,) = [os.path.join(done, f) for f in os.listdir(done) if f.endswith(".json")]
+  with open(digests) as f:
+    kept = json.load(f)
+  del kept["b"], kept["c"]
+  with open(digests, "w") as f:
+    json.dump(kept, f)
+  rows = run_lib._rows_of(done, config, 0, 0, methods[:2], 0, evaluate)
+  assert calls == [["a", "b", "c"], ["b"]]
+  assert [r.method for r in rows] == ["a", "b"]
+  with open(digests) as f:
+    assert sorted(json.load(f)) == ["a", "b"]  # "c" dropped
+
+
+def test_pairs_table_bolds_the_best_merge_of_each_pair(tmp_path):
+  row = lambda m, p, j: eval_lib.Row(m, p, j, (j, j), 1.0, 1.0)  # noqa: E731
+  rows = [row("Model A", 0, 0.9), row("x", 0, 0.2), row("y", 0, 0.3), row("Ensemble", 0, 0.95),
+          row("Model A", 1, 0.8), row("x", 1, 0.5), row("y", 1, 0.1), row("Ensemble", 1, 0.9)]
+  md = eval_lib.pairs_table(rows).splitlines()
+  assert md[0] == "| joint | pair 0 | pair 1 | mean |"
+  assert md[2:] == ["| Model A | 90.0 | 80.0 | 85.0 |", "| x | 20.0 | **50.0** | 35.0 |",
+                    "| y | **30.0** | 10.0 | 20.0 |", "| Ensemble | 95.0 | 90.0 | 92.5 |"]
+  eval_lib.write_table(rows, str(tmp_path), name="t")
+  assert (tmp_path / "t_pairs.md").read_text() == "\n".join(md) + "\n"
+  eval_lib.write_table(rows[:4], str(tmp_path), name="one")  # one pair: no per-pair table
+  assert not (tmp_path / "one_pairs.md").exists()

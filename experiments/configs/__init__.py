@@ -33,13 +33,15 @@ from ..train import TrainConfig
 
 HEADS = ("clip", "ce")
 METHODS = ("ensemble", "weight_avg", "git_rebasin", "permute", "zipit", "zipit_official",
-           "zipit_heads_in_place", "zipit_attention_unmerged")
+           "zipit_stream_permute", "zipit_heads_in_place", "zipit_attention_unmerged")
 """Merge methods a config may ask for: the ensemble (every source model run, the upper bound),
 weight averaging, Git Re-Basin weight matching, Permute (correlation matching across models
 only), ZipIt! and ZipIt! in the reference mode (``zipjax.zip(..., mode="official")`` with
 the official alpha and beta), each ZipIt! at every stop point; for models with attention
 heads (``Space.heads``), ZipIt! with head g of every model merged with head g of the others
-(no pairing of heads) and ZipIt! with attention left unmerged (its weights averaged)."""
+(no pairing of heads) and ZipIt! with attention left unmerged (its weights averaged); and
+ZipIt! with the space named "stream" (a residual stream) matched by Permute
+(``zipjax.match.by_space``)."""
 
 CLIP_DIM = 512
 

@@ -1,6 +1,6 @@
 """CIFAR-10 (5+5), a small ViT, CLIP-style heads: attention heads merged against the baselines.
 
-Two pairs, each on its own random 5+5 class split. Each model is a ViT of width 128, depth 4,
+Three pairs, each on its own random 5+5 class split. Each model is a ViT of width 128, depth 4,
 4 heads of 32 features, MLP 256, patches of 4 pixels and a class token, trained from its own
 initialisation on 2,000 images of each of its five classes for 20 epochs (AdamW, batch 128,
 peak learning rate 1e-3 after one epoch of warm-up, then cosine decay; crop and flip).
@@ -25,8 +25,8 @@ from ..train import TrainConfig
 
 DATA = "../shared/data/cifar10"
 EMBEDDINGS = "../shared/data/clip/cifar10_class_names_clip_features.csv"
-METHODS = ("ensemble", "weight_avg", "permute", "zipit", "zipit_heads_in_place",
-           "zipit_attention_unmerged")
+METHODS = ("ensemble", "weight_avg", "permute", "zipit", "zipit_stream_permute",
+           "zipit_heads_in_place", "zipit_attention_unmerged")
 
 
 def _model(width: int) -> C.ModelConfig:
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> C.ExperimentConfig:
       split=C.SplitConfig(num_classes=10, num_tasks=2, seed=0),
       train=TrainConfig(epochs=20, batch_size=128, learning_rate=1e-3, weight_decay=0.05,
                         warmup_epochs=1, schedule="cosine", optimizer="adamw"),
-      num_runs=2,
+      num_runs=3,
       groups=((0, 1),),
       calibration=C.CalibrationConfig(num_images=2000, batch_size=500, augmentation=True),
       merge=C.MergeConfig(methods=METHODS, stop_points=(None,)),
