@@ -27,6 +27,7 @@ from . import batchnorm
 from . import common
 from . import first_zip
 from . import greedy
+from . import head_pairing
 from . import official_zip
 from . import stats
 from . import zip_memory
@@ -35,7 +36,7 @@ from . import zip_stages
 #: Every benchmark, in the order the suite runs them.
 BENCHMARKS: dict[str, ModuleType] = {
     m.NAME: m for m in (greedy, stats, apply_merges, batchnorm, zip_stages, zip_memory,
-                        first_zip, official_zip)
+                        first_zip, head_pairing, official_zip)
 }
 
 COLUMNS = ("Benchmark", "Case", "Time", "Baseline", "Baseline time", "Ratio", "Target", "Met",
