@@ -10,9 +10,12 @@ Markdown table and writes ``results.json`` and ``results.md`` (default: runs/ben
 - ``batchnorm``: BatchNorm reset vs train-mode forward passes.
 - ``zip_stages``: ``zipjax.zip`` stage by stage vs forward passes.
 - ``zip_memory``: peak memory of ``zipjax.zip`` vs the bytes of the models and statistics.
+- ``first_zip``: the first ``zipjax.zip`` in a fresh process vs the same zip repeated.
 - ``official_zip``: the whole zip of two ResNet-20s in zipjax's reference mode vs the official
   PyTorch code (gstoica27/ZipIt), each in a fresh process; needs torch and a checkout named by
   ``ZIPIT_OFFICIAL``.
+- ``head_pairing``: a ViT's whole zip with heads paired on attention maps vs paired on their
+  features, each in a fresh process.
 """
 
 from .suite import BENCHMARKS
