@@ -236,3 +236,24 @@ def test_pairs_table_bolds_the_best_merge_of_each_pair(tmp_path):
   assert (tmp_path / "t_pairs.md").read_text() == "\n".join(md) + "\n"
   eval_lib.write_table(rows[:4], str(tmp_path), name="one")  # one pair: no per-pair table
   assert not (tmp_path / "one_pairs.md").exists()
+
+
+@pytest.mark.slow
+def test_vit_config_runs_every_method(tmp_path):
+  """cifar10_vit_clip:local's methods (heads merged, the stream by permute, heads in place,
+  attention unmerged, the baselines) on a tiny fake CIFAR-10: every row is made."""
+  base = configs.load("cifar10_vit_clip:local")
+  data = dataclasses.replace(base.data, path=_fake_cifar(tmp_path / "cifar", 0),
+                             class_embeddings=None, max_per_class=None,
+                             max_test_per_class=None)
+  config = configs.override(dataclasses.replace(base, datasets=(data,)), "model.width=16",
+                            "train.batch_size=40", "calibration.num_images=40",
+                            "calibration.batch_size=20", "eval_batch_size=64")
+  exp = run_lib.prepare(config)
+  methods = run_lib.methods_for(config, 2)
+  with pytest.warns(zipjax.UnmergedWarning, match="attention left unmerged"):
+    rows = run_lib.evaluate_runs(config, exp, [0], methods, checkpoints=str(tmp_path / "ckpt"),
+                                 progress=False)
+  assert [r.method for r in rows] == [m.name for m in methods]
+  assert "ZipIt! stream by permute (full)" in [r.method for r in rows]
+  assert all(0.0 <= r.joint <= 1.0 for r in rows)
