@@ -426,12 +426,11 @@ def test_pair_groups_takes_correlations_or_a_similarity_not_both():
 def test_auto_microbatch_counts_the_attention_maps(vit):
   """The CPU step size bounds the attention maps a step holds as well as the features."""
   _, spec, x, va, vb = vit
-  sig = tuple(stats_lib._abstract(v) for v in (va, vb))
-  example = stats_lib._example(x)
-  plain = stats_lib._feature_bytes(spec, sig, example)
+  sig, example = stats_lib._abstract(va), stats_lib._example(x)
+  plain = stats_lib._feature_bytes(spec, sig, example, 2)
   qk = tuple(f"block{i}_qk" for i in range(DEPTH))
   tokens = (16 // 8) ** 2 + 1  # patches and the class token
-  assert stats_lib._feature_bytes(spec, sig, example, qk) == (
+  assert stats_lib._feature_bytes(spec, sig, example, 2, qk) == (
       plain + 4 * 2 * DEPTH * HEADS * tokens * tokens)
 
 

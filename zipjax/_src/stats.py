@@ -293,16 +293,16 @@ def head_map_spaces(spec: spec_lib.Spec, shapes: dict, names: Sequence[str]) -> 
   return tuple(out)
 
 
-def _feature_bytes(spec: spec_lib.Spec, models: tuple, example: tuple,
+def _feature_bytes(spec: spec_lib.Spec, model: tuple, example: tuple, num_models: int,
                    map_spaces: Sequence[str] = ()) -> int:
-  """Bytes of the float32 features that N models (signatures ``models``) capture from one
-  example (signature ``example``), with the attention maps of ``map_spaces``."""
-  shapes = _capture_shapes(spec, models[0], example)
+  """Bytes of the float32 features that ``num_models`` models (signature ``model``) capture
+  from one example (signature ``example``), with the attention maps of ``map_spaces``."""
+  shapes = _capture_shapes(spec, model, example)
   per_model = sum(math.prod(c) for caps in shapes.values() for c in caps)
   for n in map_spaces:
     q, k = shapes[n]
     per_model += math.prod(q[:-1]) * math.prod(k[1:-1]) * spec.space(n).groups
-  return 4 * len(models) * per_model
+  return 4 * num_models * per_model
 
 
 def auto_microbatch(spec: spec_lib.Spec, models: Sequence[Any], x: Any,
@@ -314,8 +314,8 @@ def auto_microbatch(spec: spec_lib.Spec, models: Sequence[Any], x: Any,
   device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
   if device.platform != "cpu":
     return None
-  per_example = _feature_bytes(spec, tuple(_abstract(m) for m in models), _example(x),
-                               tuple(map_spaces))
+  per_example = _feature_bytes(spec, _abstract(models[0]), _example(x), len(models),
+                               map_spaces)
   fit = max(1, CPU_STEP_FEATURE_BYTES // max(per_example, 1))
   shards = 1 if mesh is None else sharding_lib.num_shards(mesh)
   return shards * (1 << (fit.bit_length() - 1))
@@ -323,6 +323,12 @@ def auto_microbatch(spec: spec_lib.Spec, models: Sequence[Any], x: Any,
 
 #: The values of ``pair_heads``: what the heads of attention layers are paired on.
 PAIR_HEADS = ("attention", "features")
+
+
+def check_pair_heads(pair_heads: str) -> None:
+  """Raises ValueError unless ``pair_heads`` is one of ``PAIR_HEADS``."""
+  if pair_heads not in PAIR_HEADS:
+    raise ValueError(f"pair_heads must be one of {PAIR_HEADS}, got {pair_heads!r}.")
 
 
 def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iterable[Any], *,
@@ -380,8 +386,7 @@ def compute_stats(variables_list: Sequence[Any], spec: spec_lib.Spec, data: Iter
       or microbatch < 1):
     raise ValueError(f"microbatch must be a positive int, 'auto' or None (whole batches), "
                      f"got {microbatch!r}.")
-  if pair_heads not in PAIR_HEADS:
-    raise ValueError(f"pair_heads must be one of {PAIR_HEADS}, got {pair_heads!r}.")
+  check_pair_heads(pair_heads)
   num = len(variables_list)
   mesh = sharding_lib.resolve_mesh(mesh)
   models = tuple(spec_lib._model_vars(v) for v in variables_list)

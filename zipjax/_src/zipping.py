@@ -111,8 +111,7 @@ def zip_many(models: Sequence[Any], spec: spec_lib.Spec | None = None, *, data: 
   if len(models) < 2:
     raise ValueError(f"Zipping needs at least 2 models, got {len(models)}.")
   data_lib.check_form(data)
-  if pair_heads not in stats_lib.PAIR_HEADS:
-    raise ValueError(f"pair_heads must be one of {stats_lib.PAIR_HEADS}, got {pair_heads!r}.")
+  stats_lib.check_pair_heads(pair_heads)  # before any pass over the data
   if matcher is not None:
     match_lib.check_matcher(matcher)
   official = _check_mode(mode, matcher)
